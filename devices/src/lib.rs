@@ -1,1 +1,6 @@
-//! placeholder
+//! Ember's emulated devices. Each module is one device; register work is done by vm-superio and
+//! virtio-queue where they can, and every value a guest writes is checked before it is acted on.
+
+pub mod bus;
+
+pub use bus::{Bus, BusDevice};
