@@ -96,7 +96,12 @@ impl MmioDeviceInfo {
     /// The `virtio_mmio.device=` word Linux parses when built with
     /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.
     pub fn cmdline_word(&self) -> String {
-        format!("virtio_mmio.device={}K@{:#x}:{}", self.len / 1024, self.addr, self.irq)
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.len / 1024,
+            self.addr,
+            self.irq
+        )
     }
 }
 

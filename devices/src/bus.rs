@@ -89,7 +89,9 @@ impl Bus {
 
 /// A poisoned device lock means another thread panicked mid-access; the device state is still the
 /// best we have, and refusing every later access would only turn one failure into a hang.
-fn lock(device: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice> {
+fn lock<'a>(
+    device: &'a Mutex<dyn BusDevice>,
+) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
