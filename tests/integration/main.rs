@@ -1,1 +1,9 @@
+//! Integration tests: they run the `ember` binary on test guests (tests/guests) and real kernels
+//! (the guest kit from scripts/kit.sh) and check what a user would see.
 
+mod common;
+
+mod blk;
+mod cli;
+mod guests;
+mod kernels;

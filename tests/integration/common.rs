@@ -1,0 +1,191 @@
+//! Shared helpers: the ember binary, the test guests, the guest kit, and running Ember with a
+//! deadline so a hung guest fails its test instead of hanging the suite.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn ember() -> &'static str {
+    env!("CARGO_BIN_EXE_ember")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds every test guest once per test run (make is incremental) and returns the path of
+/// `NAME.elf`.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let out = BUILT.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");
+        let status = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(repo_root().join("tests/guests"))
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .expect("make is installed (scripts/deps.sh)");
+        assert!(status.success(), "building the test guests failed");
+        out
+    });
+    let p = out.join(format!("{name}.elf"));
+    assert!(p.exists(), "test guest {} was not built", p.display());
+    p
+}
+
+/// What the host's /dev/kvm is: tests that need guest userspace skip, loudly, on `kvm_pvm`.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum KvmKind {
+    Hardware,
+    Pvm,
+}
+
+pub fn kvm_kind() -> KvmKind {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: Ember's boot tests need KVM"
+    );
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        KvmKind::Pvm
+    } else {
+        KvmKind::Hardware
+    }
+}
+
+/// Says loudly that a test did not run here and why; returns true when the caller should return.
+pub fn skip_unless_hardware_kvm(test: &str) -> bool {
+    if kvm_kind() == KvmKind::Pvm {
+        eprintln!(
+            "SKIPPED {test}: this host's /dev/kvm is kvm_pvm (software nested virtualization); \
+             Linux guests never reach userspace here. The test runs on hardware KVM."
+        );
+        return true;
+    }
+    false
+}
+
+/// The guest kit's directory (scripts/kit.sh builds it).
+pub fn kit_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("EMBER_KIT") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/ember/kit")
+}
+
+pub fn kit_file(name: &str) -> PathBuf {
+    let p = kit_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the guest kit with scripts/kit.sh",
+        p.display()
+    );
+    p
+}
+
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `ember` with `args`, stdin from `stdin`, killing it after `deadline`.
+pub fn run_ember(args: &[&str], stdin: &[u8], deadline: Duration) -> Run {
+    let mut cmd = Command::new(ember());
+    cmd.args(args);
+    run_command(cmd, stdin, deadline)
+}
+
+pub fn run_command(mut cmd: Command, stdin: &[u8], deadline: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = input.write_all(&stdin);
+    });
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let status = wait_deadline(&mut child, deadline);
+    let elapsed = start.elapsed();
+    let _ = writer.join();
+    let stdout = out.join().unwrap();
+    let stderr = err.join().unwrap();
+    let status = status.unwrap_or_else(|| {
+        panic!("timed out after {deadline:?}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    });
+    Run {
+        status,
+        stdout,
+        stderr,
+        elapsed,
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+/// Waits for `child`, killing it at the deadline (then returns None).
+pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+impl Run {
+    /// Asserts a clean exit and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert!(
+            self.status.success(),
+            "ember failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts the user-error contract: non-zero status, exactly one `ember: error:` line, no panic.
+    pub fn user_error(&self) -> &str {
+        assert!(
+            !self.status.success() && self.status.code().is_some(),
+            "expected an error exit, got {:?}\nstderr:\n{}",
+            self.status,
+            self.stderr
+        );
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("ember: error:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{}", self.stderr);
+        lines[0]
+    }
+}
