@@ -1,6 +1,11 @@
 //! Ember's emulated devices. Each module is one device; register work is done by vm-superio and
 //! virtio-queue where they can, and every value a guest writes is checked before it is acted on.
 
+pub mod acpi_pm;
 pub mod bus;
+pub mod i8042;
+pub mod serial;
+pub mod trigger;
 
 pub use bus::{Bus, BusDevice};
+pub use trigger::EventFdTrigger;
