@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Ember's test command (the README's second set-up command; CI runs it through .ci/run).
+# Builds Ember and the test guests, makes sure the guest kit is built (cached outside git), then
+# runs every test: unit tests, test-guest boots, real-kernel boots, the CLI error matrix.
+# On a kvm_pvm host the tests that need guest userspace skip with a loud SKIPPED line; every other
+# boot test must really boot, and this script fails if none did.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+t0=$(date +%s)
+scripts/deps.sh
+scripts/kit.sh
+t1=$(date +%s)
+
+log=$(mktemp -t ember-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+cargo test --release --workspace --no-fail-fast -- --test-threads="${EMBER_TEST_THREADS:-2}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+t2=$(date +%s)
+
+booted=$(grep -cE '^test (guests|kernels|blk)::.* \.\.\. ok$' "$log" || true)
+skipped=$(grep -c '^SKIPPED' "$log" || true)
+echo
+echo "ember tests: $booted boot tests passed, $skipped skipped (see SKIPPED lines above)"
+echo "ember tests: deps+kit $((t1 - t0)) s, build+tests $((t2 - t1)) s"
+if [ "$status" -ne 0 ]; then
+  echo "ember tests: FAILED" >&2
+  exit "$status"
+fi
+if [ -e /dev/kvm ] && [ "$booted" -eq 0 ]; then
+  echo "ember tests: FAILED: /dev/kvm exists but no boot test booted a guest" >&2
+  exit 1
+fi
