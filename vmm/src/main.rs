@@ -1,1 +1,168 @@
-fn main() {}
+//! The `ember` command: parse the command line, run the VM, turn the outcome into an exit status.
+//! Errors end as one line, `ember: error: ...`, and status 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use ember_vmm::config::{self, VmConfig};
+use ember_vmm::timeline::{self, Phase};
+use ember_vmm::vcpu::ExitReason;
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "A lightweight KVM virtual machine monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new microVM; Ember exits when the guest resets or powers off.
+    Run(RunArgs),
+    /// Measure microVM start-up against containers (and peers) on the same root filesystem.
+    Bench(ember_vmm::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: an ELF vmlinux (PVH entry when it has the note), a bzImage, or a static x86_64 ELF.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed as the kernel supports).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line; replaces the default. Ember appends the words its devices need.
+    #[arg(long, value_name = "STRING", default_value = config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: String,
+    /// Guest memory, e.g. 256M or 4G.
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
+    memory: String,
+    /// Guest console: stdio (the terminal; Ctrl-A x quits), file=PATH, or null.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    serial: String,
+    /// A virtio block device: path=IMG[,readonly=on][,id=NAME]; repeat for vdb, vdc, ...
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Print the boot timeline at exit on stderr: as a table, or `--timings=json`.
+    #[arg(long, value_name = "FORMAT", num_args = 0..=1, default_missing_value = "table", require_equals = true)]
+    timings: Option<String>,
+    /// Record when the guest's console first prints TEXT (shown by --timings).
+    #[arg(long, value_name = "TEXT")]
+    ready_marker: Option<String>,
+    /// System call filters for Ember's threads: on (default) or off (for debugging).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    seccomp: String,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+        Ok(VmConfig {
+            kernel: self.kernel,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            cpus: config::parse_cpus(&self.cpus)?,
+            memory: config::parse_memory(&self.memory)?,
+            serial: config::parse_serial(&self.serial)?,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| config::parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            timings: self
+                .timings
+                .as_deref()
+                .map(config::parse_timings)
+                .transpose()?,
+            ready_marker: self.ready_marker,
+            seccomp: config::parse_seccomp(&self.seccomp)?,
+        })
+    }
+}
+
+fn error_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        // thiserror messages often already embed their source; do not repeat it.
+        if !line.contains(&s_text) {
+            line.push_str(": ");
+            line.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    line.replace('\n', " ")
+}
+
+fn main() -> ExitCode {
+    timeline::start();
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("EMBER_LOG", "warn"))
+        .format_timestamp(None)
+        .init();
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // clap's own report spans several lines; users get its first one.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("ember: error: {first} (see `ember --help`)");
+            return ExitCode::from(2);
+        }
+    };
+
+    match cli.command {
+        Command::Bench(args) => match ember_vmm::bench::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ember: error: {}", error_line(&e));
+                ExitCode::from(1)
+            }
+        },
+        Command::Run(args) => {
+            let cfg = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ember: error: {}", error_line(&e));
+                    return ExitCode::from(1);
+                }
+            };
+            timeline::mark(Phase::ArgsParsed);
+            let outcome = ember_vmm::vmm::run(&cfg);
+            if timeline::get(Phase::GuestExit).is_none() {
+                timeline::mark(Phase::GuestExit);
+            }
+            match cfg.timings {
+                Some(config::TimingsFormat::Table) => eprint!("{}", timeline::table()),
+                Some(config::TimingsFormat::Json) => eprintln!("{}", timeline::json()),
+                None => {}
+            }
+            match outcome {
+                Ok(ExitReason::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ember: error: {}", error_line(&e));
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Everything the user hands Ember is parsed and checked here, before any VM exists: sizes, counts,
+//! the serial mode and `--disk` specs. The CLI layer (main.rs) only collects strings.
+
+use std::path::PathBuf;
+
+use ember_boot::layout::CMDLINE_MAX_SIZE;
+
+/// What a microVM wants: the console on COM1, reboot through the i8042 (which ends the VM), no
+/// PCI probing. Ember appends the words its own devices need.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+/// KVM's own limit is checked against the host at start; this bounds what the MP table and MADT
+/// (one byte APIC ids, IOAPIC id = cpus) can describe.
+pub const MAX_CPUS: u8 = 254;
+/// Below this a kernel has no room for itself next to the tables in low memory.
+pub const MIN_MEMORY: u64 = 2 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--memory {0:?}: expected a size such as 256M or 4G")]
+    BadSize(String),
+    #[error("--memory {0}: at least 2M is needed")]
+    MemoryTooSmall(String),
+    #[error("--cpus {0:?}: expected a number from 1 to {MAX_CPUS}")]
+    BadCpus(String),
+    #[error("--serial {0:?}: expected stdio, null or file=PATH")]
+    BadSerial(String),
+    #[error("--disk {spec:?}: {reason}")]
+    BadDisk { spec: String, reason: String },
+    #[error("--timings {0:?}: expected table or json")]
+    BadTimings(String),
+    #[error("--seccomp {0:?}: expected on or off")]
+    BadSeccomp(String),
+    #[error("the kernel command line is {len} bytes; the boot protocol allows {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    Stdio,
+    File(PathBuf),
+    Null,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimingsFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    /// The user's command line (or the default), before Ember's device words are appended.
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub serial: SerialMode,
+    pub disks: Vec<DiskSpec>,
+    pub timings: Option<TimingsFormat>,
+    pub ready_marker: Option<String>,
+    pub seccomp: bool,
+}
+
+/// `256M`, `4G`, `1024K`, `65536` (bytes); binary units.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let size = parse_size(s)?;
+    if size < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(s.to_string()));
+    }
+    Ok(size)
+}
+
+pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
+    match s.trim().parse::<u8>() {
+        Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
+        _ => Err(ConfigError::BadCpus(s.to_string())),
+    }
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
+    match s {
+        "stdio" => Ok(SerialMode::Stdio),
+        "null" => Ok(SerialMode::Null),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+            _ => Err(ConfigError::BadSerial(s.to_string())),
+        },
+    }
+}
+
+/// `path=IMG[,readonly=on|off][,id=NAME]`; a bare `IMG` is taken as the path.
+pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadDisk {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut path = None;
+    let mut readonly = false;
+    let mut id = None;
+    for (i, part) in spec.split(',').enumerate() {
+        match part.split_once('=') {
+            Some(("path", v)) => path = Some(v),
+            Some(("readonly" | "ro", v)) => {
+                readonly = match v {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad("readonly takes on or off")),
+                }
+            }
+            Some(("id", v)) => {
+                if v.is_empty() || v.len() > 20 {
+                    return Err(bad("id must be 1 to 20 bytes (the virtio-blk serial)"));
+                }
+                id = Some(v.to_string())
+            }
+            None if i == 0 => path = Some(part),
+            _ => return Err(bad(&format!("unknown key in {part:?}"))),
+        }
+    }
+    match path {
+        Some(p) if !p.is_empty() => Ok(DiskSpec {
+            path: PathBuf::from(p),
+            readonly,
+            id,
+        }),
+        _ => Err(bad("path=IMG is required")),
+    }
+}
+
+pub fn parse_timings(s: &str) -> Result<TimingsFormat, ConfigError> {
+    match s {
+        "" | "table" => Ok(TimingsFormat::Table),
+        "json" => Ok(TimingsFormat::Json),
+        _ => Err(ConfigError::BadTimings(s.to_string())),
+    }
+}
+
+pub fn parse_seccomp(s: &str) -> Result<bool, ConfigError> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(ConfigError::BadSeccomp(s.to_string())),
+    }
+}
+
+/// The final command line: the user's (or the default) and then Ember's device words.
+pub fn full_cmdline(base: &str, device_words: &[String]) -> Result<String, ConfigError> {
+    let mut line = base.trim().to_string();
+    for w in device_words {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(w);
+    }
+    // The boot protocol counts the terminating NUL.
+    if line.len() >= CMDLINE_MAX_SIZE {
+        return Err(ConfigError::CmdlineTooLong {
+            len: line.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4g").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1024K").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "M", "-1G", "1.5G", "12Q", "99999999999999999999G", "1 G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_memory("0").is_err());
+        assert!(parse_memory("1M").is_err());
+        assert_eq!(parse_memory("2M").unwrap(), 2 << 20);
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(parse_cpus("4").unwrap(), 4);
+        for bad in ["0", "-1", "255", "x", ""] {
+            assert!(parse_cpus(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!(parse_serial("stdio").unwrap(), SerialMode::Stdio);
+        assert_eq!(parse_serial("null").unwrap(), SerialMode::Null);
+        assert_eq!(
+            parse_serial("file=/tmp/x").unwrap(),
+            SerialMode::File("/tmp/x".into())
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tty").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=a.img,readonly=on,id=root").unwrap();
+        assert_eq!(d.path, PathBuf::from("a.img"));
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert_eq!(parse_disk("b.img").unwrap().path, PathBuf::from("b.img"));
+        assert!(!parse_disk("b.img").unwrap().readonly);
+        for bad in ["", "readonly=on", "path=", "path=a,readonly=maybe", "path=a,colour=red"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        assert!(parse_disk("path=a,id=aaaaaaaaaaaaaaaaaaaaa").is_err());
+    }
+
+    #[test]
+    fn cmdline_gets_device_words_and_a_bound() {
+        let words = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            full_cmdline("console=ttyS0", &words).unwrap(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(full_cmdline("", &[]).unwrap(), "");
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            full_cmdline(&long, &[]),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+    }
+}

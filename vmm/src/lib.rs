@@ -1,0 +1,10 @@
+//! Ember's VMM core: configuration, VM assembly, vCPU threads and the device event loop. The
+//! `ember` binary (main.rs) is a thin CLI over it.
+
+pub mod bench;
+pub mod config;
+pub mod console;
+pub mod event_loop;
+pub mod timeline;
+pub mod vcpu;
+pub mod vmm;

@@ -1,0 +1,187 @@
+//! One thread per vCPU: `KVM_RUN` in a loop, port and MMIO exits dispatched to the buses, and the
+//! exits that end the VM reported to the main thread. Nothing else runs here: virtio queues are
+//! served by the event loop, which the guest reaches through ioeventfds without an exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ember_devices::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::timeline::{self, Phase};
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine (i8042 reset, a triple fault, or KVM's reset event).
+    Reset,
+    /// The guest powered off (ACPI S5).
+    Poweroff,
+    /// The user typed the console escape sequence.
+    UserQuit,
+    /// Ember was sent this signal.
+    Signal(i32),
+    /// A vCPU stopped in a way the guest cannot recover from.
+    VcpuFailed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("cannot start the thread for vCPU {0}: {1}")]
+    Spawn(u8, std::io::Error),
+}
+
+/// State shared by the vCPU threads and the main thread.
+pub struct VmControl {
+    stop: AtomicBool,
+    reason: Mutex<Option<ExitReason>>,
+    /// Written when `reason` is first set, so the event loop wakes up.
+    pub exit_evt: EventFd,
+}
+
+impl VmControl {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VmControl {
+            stop: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records why the VM ends; the first reason wins.
+    pub fn request_exit(&self, reason: ExitReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            timeline::mark(Phase::GuestExit);
+            *r = Some(reason);
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.exit_evt.write(1);
+        }
+    }
+
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop).map_err(VcpuError::SignalHandler)
+}
+
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    pub fn spawn(
+        id: u8,
+        vcpu: VcpuFd,
+        pio: Bus,
+        mmio: Bus,
+        ctl: Arc<VmControl>,
+    ) -> Result<Self, VcpuError> {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &ctl))
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuThread { handle })
+    }
+
+    /// Kicks the thread out of `KVM_RUN` until it has seen the stop flag and ended. A kick can
+    /// land just before the thread enters `KVM_RUN`, so it is repeated; a thread that does not end
+    /// within `patience` is left behind (the process is about to exit anyway).
+    pub fn stop(self, patience: std::time::Duration) {
+        let deadline = std::time::Instant::now() + patience;
+        while !self.handle.is_finished() && std::time::Instant::now() < deadline {
+            let _ = self.handle.kill(kick_signal());
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if self.handle.is_finished() {
+            let _ = self.handle.join();
+        } else {
+            log::warn!("a vCPU thread did not stop in {patience:?}");
+        }
+    }
+}
+
+fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl) {
+    if id == 0 {
+        timeline::mark(Phase::FirstKvmRun);
+    }
+    while !ctl.stopping() {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !pio.write(u64::from(port), data) {
+                    log::debug!("vcpu{id}: write to unclaimed port {port:#x} ignored");
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    log::debug!("vcpu{id}: MMIO write to unclaimed {addr:#x} ignored");
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            // A triple fault: on a PC that resets the machine, which for a microVM is its end.
+            Ok(VcpuExit::Shutdown) => ctl.request_exit(ExitReason::Reset),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ctl.request_exit(ExitReason::Poweroff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => ctl.request_exit(ExitReason::Reset),
+                other => ctl.request_exit(ExitReason::VcpuFailed(format!(
+                    "vCPU {id}: unexpected KVM system event {other}"
+                ))),
+            },
+            // Without an in-kernel irqchip a halt would exit here; with it, KVM only reports a
+            // halt the guest can never leave.
+            Ok(VcpuExit::Hlt) => {
+                log::info!("vcpu{id}: halted");
+                ctl.request_exit(ExitReason::Poweroff)
+            }
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member for KVM_EXIT_INTERNAL_ERROR.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                let what = if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    "KVM could not emulate a guest instruction".to_string()
+                } else {
+                    format!("KVM internal error (suberror {suberror})")
+                };
+                ctl.request_exit(ExitReason::VcpuFailed(format!("vCPU {id}: {what}")));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => ctl.request_exit(ExitReason::VcpuFailed(
+                format!("vCPU {id}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"),
+            )),
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                log::warn!("vcpu{id}: unhandled exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                ctl.request_exit(ExitReason::VcpuFailed(format!("vCPU {id}: KVM_RUN: {e}")));
+            }
+        }
+    }
+}
