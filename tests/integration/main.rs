@@ -6,4 +6,5 @@ mod common;
 mod blk;
 mod cli;
 mod guests;
+mod hardening;
 mod kernels;
