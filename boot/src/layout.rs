@@ -10,6 +10,8 @@ pub const IDT_START: u64 = 0x520;
 /// PVH `hvm_start_info`, followed by its memory map entries.
 pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// PVH module list (the initramfs), after room for 82 memory map entries.
+pub const PVH_MODLIST_START: u64 = 0x6800;
 /// The Linux zero page (`boot_params`); RSI points here at the 64-bit entry.
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Identity-mapping page tables for the 64-bit entry: PML4, PDPT, then four page directories of

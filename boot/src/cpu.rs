@@ -1,0 +1,419 @@
+//! Initial vCPU state: CPUID, MSRs, registers, segments and paging, FPU, local APIC.
+//!
+//! - Linux 64-bit entry (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol"): long mode with
+//!   paging on and an identity map, a flat 64-bit code segment and flat data segments, interrupts
+//!   off, RSI = the zero page.
+//! - PVH entry (xenbits.xen.org/docs/unstable/misc/pvh.html): 32-bit protected mode, paging off,
+//!   flat 4 GiB CS (read/execute) and DS/ES/SS (read/write), a 32-bit TSS in TR, EBX = the
+//!   `hvm_start_info`.
+//!
+//! CPUID is what KVM supports, adjusted per vCPU so the topology the guest reads (APIC ids, one
+//! thread per core, `cpus` cores in one package) matches the MP table and the MADT.
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::kernel::{EntryKind, LoadedKernel};
+use crate::{gdt, layout, paging};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("vCPU {id} does not exist on a machine with {cpus} vCPUs")]
+    InvalidCpu { id: u8, cpus: u8 },
+    #[error("cannot get the CPUID KVM supports: {0}")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("too many CPUID entries ({0})")]
+    TooManyCpuidEntries(usize),
+    #[error("cannot set the vCPU's CPUID: {0}")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot get the MSRs KVM supports: {0}")]
+    GetMsrIndexList(#[source] kvm_ioctls::Error),
+    #[error("cannot set the vCPU's MSRs: {0}")]
+    SetMsrs(#[source] kvm_ioctls::Error),
+    #[error("KVM set {written} of {wanted} boot MSRs; MSR {failed:#x} was refused")]
+    MsrRefused {
+        written: usize,
+        wanted: usize,
+        failed: u32,
+    },
+    #[error("cannot {0} the vCPU's general registers: {1}")]
+    Regs(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot {0} the vCPU's special registers: {1}")]
+    Sregs(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot set the vCPU's FPU state: {0}")]
+    Fpu(#[source] kvm_ioctls::Error),
+    #[error("cannot {0} the vCPU's local APIC (is the in-kernel irqchip created?): {1}")]
+    Lapic(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot write the GDT, IDT or page tables to guest memory: {0}")]
+    Tables(#[source] vm_memory::GuestMemoryError),
+}
+
+// Control register and EFER bits (Intel SDM vol. 3A sections 2.5 and 2.2.1).
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// RFLAGS bit 1 is reserved and always set; everything else (IF included) is clear.
+const RFLAGS_RESERVED: u64 = 1 << 1;
+
+// MSR indices (Intel SDM vol. 4).
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MISC_ENABLE_FAST_STRING: u64 = 1 << 0;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_TYPE_WRITEBACK: u64 = 6;
+
+// Local APIC registers and LVT delivery modes (Intel SDM vol. 3A section 11.5.1).
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_DELIVERY_MODE_MASK: u32 = 0x700;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+// CPUID bits used below.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+const TOPOLOGY_LEVEL_SMT: u32 = 1;
+const TOPOLOGY_LEVEL_CORE: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vendor {
+    Intel,
+    Amd,
+    Other,
+}
+
+fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
+    let Some(leaf0) = entries.iter().find(|e| e.function == 0) else {
+        return Vendor::Other;
+    };
+    let mut name = [0u8; 12];
+    name[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+    name[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+    name[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+    match &name {
+        b"GenuineIntel" => Vendor::Intel,
+        b"AuthenticAMD" => Vendor::Amd,
+        _ => Vendor::Other,
+    }
+}
+
+/// Bits needed to number `n` things: the width of the core id field in an APIC id.
+fn id_bits(n: u8) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        u32::BITS - (u32::from(n) - 1).leading_zeros()
+    }
+}
+
+/// Leaf 1: initial APIC id, logical processor count, CLFLUSH line size, hypervisor bit.
+fn update_leaf1(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        let mut clflush = (e.ebx >> 8) & 0xff;
+        if clflush == 0 {
+            clflush = 8; // in 8-byte units: 64-byte lines
+        }
+        e.ebx = (u32::from(id) << 24) | (u32::from(cpus) << 16) | (clflush << 8);
+        e.ecx |= LEAF1_ECX_HYPERVISOR;
+        if cpus > 1 {
+            e.edx |= LEAF1_EDX_HTT;
+        } else {
+            e.edx &= !LEAF1_EDX_HTT;
+        }
+    }
+}
+
+/// Intel leaf 4: cores per package, and how many logical processors share each cache (one per
+/// core for L1/L2, the whole package for L3).
+fn update_cache_topology(entries: &mut [kvm_cpuid_entry2], cpus: u8) {
+    for e in entries.iter_mut().filter(|e| e.function == 4) {
+        if e.eax & 0x1f == 0 {
+            continue; // no more caches
+        }
+        let level = (e.eax >> 5) & 0x7;
+        let sharing = if level >= 3 { u32::from(cpus) - 1 } else { 0 };
+        e.eax &= 0x3fff; // keep type, level and the cache flags
+        e.eax |= (sharing & 0xfff) << 14;
+        e.eax |= ((u32::from(cpus) - 1) & 0x3f) << 26;
+    }
+}
+
+/// Leaves 0xB and 0x1F (extended topology): an SMT level of one thread and a core level of
+/// `cpus` cores; EDX is the x2APIC id. Replaces whatever subleaves KVM reported.
+fn update_extended_topology(entries: &mut Vec<kvm_cpuid_entry2>, leaf: u32, id: u8, cpus: u8) {
+    if !entries.iter().any(|e| e.function == leaf) {
+        return;
+    }
+    entries.retain(|e| e.function != leaf);
+    let apic_id = u32::from(id);
+    let levels = [
+        (0, 1, TOPOLOGY_LEVEL_SMT),
+        (id_bits(cpus), u32::from(cpus), TOPOLOGY_LEVEL_CORE),
+        (0, 0, 0), // the invalid level that ends the list
+    ];
+    for (index, (shift, count, kind)) in levels.into_iter().enumerate() {
+        entries.push(kvm_cpuid_entry2 {
+            function: leaf,
+            index: index as u32,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: shift,
+            ebx: count,
+            ecx: (kind << 8) | index as u32,
+            edx: apic_id,
+            ..Default::default()
+        });
+    }
+}
+
+/// AMD leaves 0x8000_0008 (core count, APIC id core bits) and 0x8000_001E (extended APIC id).
+fn update_amd_topology(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8) {
+    for e in entries.iter_mut() {
+        match e.function {
+            0x8000_0008 => {
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(cpus) << 12) | (u32::from(cpus) - 1);
+            }
+            0x8000_001e => {
+                e.eax = u32::from(id);
+                e.ebx = u32::from(id); // compute unit id; one thread per unit
+                e.ecx = 0; // node 0, one node
+            }
+            _ => {}
+        }
+    }
+}
+
+/// KVM's supported CPUID adjusted for vCPU `id` of `cpus`.
+pub fn normalize_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, id: u8, cpus: u8) {
+    let vendor = vendor(entries);
+    update_leaf1(entries, id, cpus);
+    update_extended_topology(entries, 0xb, id, cpus);
+    update_extended_topology(entries, 0x1f, id, cpus);
+    match vendor {
+        Vendor::Intel => update_cache_topology(entries, cpus),
+        Vendor::Amd => update_amd_topology(entries, id, cpus),
+        Vendor::Other => {}
+    }
+}
+
+fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) -> Result<(), CpuError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuError::GetSupportedCpuid)?;
+    let mut entries = supported.as_slice().to_vec();
+    normalize_cpuid(&mut entries, id, cpus);
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|_| CpuError::TooManyCpuidEntries(entries.len()))?;
+    vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)
+}
+
+/// The MSR values a kernel expects at entry: no syscall/sysenter targets yet, TSC from zero,
+/// fast strings on, MTRRs enabled with write-back as the default type.
+fn boot_msrs() -> [kvm_msr_entry; 11] {
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    [
+        msr(MSR_IA32_SYSENTER_CS, 0),
+        msr(MSR_IA32_SYSENTER_ESP, 0),
+        msr(MSR_IA32_SYSENTER_EIP, 0),
+        msr(MSR_STAR, 0),
+        msr(MSR_CSTAR, 0),
+        msr(MSR_KERNEL_GS_BASE, 0),
+        msr(MSR_SYSCALL_MASK, 0),
+        msr(MSR_LSTAR, 0),
+        msr(MSR_IA32_TSC, 0),
+        msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRITEBACK),
+    ]
+}
+
+fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), CpuError> {
+    let supported = kvm
+        .get_msr_index_list()
+        .map_err(CpuError::GetMsrIndexList)?;
+    let supported = supported.as_slice();
+    let wanted: Vec<kvm_msr_entry> = boot_msrs()
+        .into_iter()
+        .filter(|m| supported.contains(&m.index))
+        .collect();
+    let msrs = Msrs::from_entries(&wanted).map_err(|_| CpuError::MsrRefused {
+        written: 0,
+        wanted: wanted.len(),
+        failed: 0,
+    })?;
+    let written = vcpu.set_msrs(&msrs).map_err(CpuError::SetMsrs)?;
+    if written != wanted.len() {
+        // KVM stops at the first MSR it refuses.
+        return Err(CpuError::MsrRefused {
+            written,
+            wanted: wanted.len(),
+            failed: wanted.get(written).map_or(0, |m| m.index),
+        });
+    }
+    Ok(())
+}
+
+fn setup_regs(vcpu: &VcpuFd, kernel: &LoadedKernel) -> Result<(), CpuError> {
+    let mut regs = kvm_regs {
+        rflags: RFLAGS_RESERVED,
+        rip: kernel.entry.0,
+        ..Default::default()
+    };
+    match kernel.kind {
+        EntryKind::Linux64 => {
+            regs.rsp = layout::BOOT_STACK_POINTER;
+            regs.rbp = layout::BOOT_STACK_POINTER;
+            regs.rsi = layout::ZERO_PAGE_START;
+        }
+        EntryKind::Pvh => regs.rbx = layout::PVH_INFO_START,
+    }
+    vcpu.set_regs(&regs).map_err(|e| CpuError::Regs("set", e))
+}
+
+/// Writes the GDT and an empty IDT, and loads the segment registers from that GDT.
+fn setup_segments<M: GuestMemoryBackend>(
+    mem: &M,
+    sregs: &mut kvm_sregs,
+    long_mode: bool,
+) -> Result<(), CpuError> {
+    let table = gdt::table(long_mode);
+    let mut bytes = Vec::with_capacity(table.len() * 8);
+    for d in table {
+        bytes.extend_from_slice(&d.to_le_bytes());
+    }
+    mem.write_slice(&bytes, GuestAddress(layout::GDT_START))
+        .map_err(CpuError::Tables)?;
+    sregs.gdt.base = layout::GDT_START;
+    sregs.gdt.limit = (bytes.len() - 1) as u16;
+
+    // Any exception before the kernel loads its own IDT becomes a triple fault: a clean reset.
+    mem.write_obj(0u64, GuestAddress(layout::IDT_START))
+        .map_err(CpuError::Tables)?;
+    sregs.idt.base = layout::IDT_START;
+    sregs.idt.limit = 0;
+
+    let code = gdt::segment(gdt::CODE_INDEX, table[gdt::CODE_INDEX as usize]);
+    let data = gdt::segment(gdt::DATA_INDEX, table[gdt::DATA_INDEX as usize]);
+    let tss = gdt::segment(gdt::TSS_INDEX, table[gdt::TSS_INDEX as usize]);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    Ok(())
+}
+
+fn setup_sregs<M: GuestMemoryBackend>(
+    mem: &M,
+    vcpu: &VcpuFd,
+    kind: EntryKind,
+) -> Result<(), CpuError> {
+    let mut sregs = vcpu.get_sregs().map_err(|e| CpuError::Sregs("get", e))?;
+    // Caches on, as firmware leaves them.
+    sregs.cr0 &= !(CR0_CD | CR0_NW);
+    match kind {
+        EntryKind::Linux64 => {
+            setup_segments(mem, &mut sregs, true)?;
+            sregs.cr3 = paging::write_identity_map(mem).map_err(CpuError::Tables)?;
+            sregs.cr4 |= CR4_PAE;
+            sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
+            sregs.efer |= EFER_LME | EFER_LMA;
+        }
+        EntryKind::Pvh => {
+            setup_segments(mem, &mut sregs, false)?;
+            sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !CR0_PG;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer &= !(EFER_LME | EFER_LMA);
+        }
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| CpuError::Sregs("set", e))
+}
+
+fn setup_fpu(vcpu: &VcpuFd) -> Result<(), CpuError> {
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(CpuError::Fpu)
+}
+
+fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = &lapic.regs[offset..offset + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (dst, src) in lapic.regs[offset..offset + 4]
+        .iter_mut()
+        .zip(value.to_le_bytes())
+    {
+        *dst = src as _;
+    }
+}
+
+fn set_delivery_mode(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
+    let value = lapic_reg(lapic, offset);
+    set_lapic_reg(
+        lapic,
+        offset,
+        (value & !APIC_DELIVERY_MODE_MASK) | (mode << 8),
+    );
+}
+
+/// LINT0 delivers the 8259's ExtINT and LINT1 NMIs, as the MP table's local interrupt entries say
+/// (MP spec 1.4 section 3.6.2.1, virtual wire mode).
+fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
+    let mut lapic = vcpu.get_lapic().map_err(|e| CpuError::Lapic("get", e))?;
+    set_delivery_mode(&mut lapic, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_delivery_mode(&mut lapic, APIC_LVT_LINT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| CpuError::Lapic("set", e))
+}
+
+/// Puts vCPU `id` of `cpus` in the state the kernel's entry protocol expects. Call after the VM's
+/// in-kernel irqchip exists, once per vCPU; the tables it writes to guest memory are the same each
+/// time.
+pub fn configure_vcpu<M: GuestMemoryBackend>(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    id: u8,
+    cpus: u8,
+    kernel: &LoadedKernel,
+    mem: &M,
+) -> Result<(), CpuError> {
+    if id >= cpus {
+        return Err(CpuError::InvalidCpu { id, cpus });
+    }
+    // CPUID first: which MSRs KVM accepts depends on the features the vCPU has.
+    setup_cpuid(kvm, vcpu, id, cpus)?;
+    setup_msrs(kvm, vcpu)?;
+    setup_regs(vcpu, kernel)?;
+    setup_sregs(mem, vcpu, kernel.kind)?;
+    setup_fpu(vcpu)?;
+    setup_lapic(vcpu)
+}
