@@ -22,7 +22,7 @@
 #   rootfs.ext4               32 MiB ext4 (mkfs.ext4 -d, no loop mount): hello.txt, hello.sha256
 #   MANIFEST                  kernel package and version, every file with size and sha256
 #
-# Measured on the 2-core Debian 12 development VM (2025-11): a full build takes 6-9 s (kernel
+# Measured on the 2-core Debian 12 development VM (2026-11): a full build takes 6-9 s (kernel
 # download at ~35 MB/s and extraction 3-5 s, rootfs and the three initramfs ~1 s, MANIFEST
 # sha256s ~1.5 s); with everything up to date a run takes ~1.3 s (mostly apt-cache). The kit is
 # ~78 MB: vmlinux 53 MB, bzImage 14 MB, rootfs.ext4 32 MB (sparse), each initramfs 2.2 MB.
