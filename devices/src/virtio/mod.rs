@@ -1,0 +1,138 @@
+//! virtio devices (virtio 1.2, OASIS spec) on the virtio-mmio transport.
+//!
+//! A device model implements [`VirtioDevice`]: its type, the features it offers, its config space,
+//! and what it does with its queues once the driver has set it up. [`MmioTransport`] is the
+//! register file the guest programs (spec 4.2.2); it owns the queue configuration until the driver
+//! writes DRIVER_OK, then hands ready queues to the device. Requests are never served on a vCPU
+//! thread: queue notifications arrive as ioeventfds and are served on the event loop, and
+//! interrupts leave through an irqfd.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::{fmt, io};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use block::{Block, DiskConfig};
+pub use mmio::MmioTransport;
+
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+
+/// Why a device refused the queues the driver set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the device needs {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+}
+
+/// A virtio device model behind a transport.
+pub trait VirtioDevice: Send {
+    /// `VIRTIO_ID_*`.
+    fn device_type(&self) -> u32;
+    /// One entry per queue: the largest size the device accepts (a power of two).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers, transport bits (VERSION_1, EVENT_IDX) included.
+    fn features(&self) -> u64;
+    /// Reads from the device-specific config space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` (already checked ready and inside `mem`) with `acked_features`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<Interrupt>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`: serve what it made available.
+    fn process_queue(&mut self, index: usize);
+    /// Drops the queues and any in-flight state: the device is as it was before activation.
+    fn reset(&mut self);
+}
+
+/// The device's interrupt line: the ISR bits the guest reads from InterruptStatus, and the irqfd
+/// KVM injects the IRQ from.
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Interrupt {
+    pub fn new() -> io::Result<Self> {
+        Ok(Interrupt {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register as the device's irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Raises `VIRTIO_MMIO_INT_VRING` or `VIRTIO_MMIO_INT_CONFIG`.
+    pub fn trigger(&self, cause: u32) {
+        self.status.fetch_or(cause, Ordering::SeqCst);
+        // A full eventfd counter (2^64-2 unread signals) is the only failure, and the guest has an
+        // interrupt pending in that case anyway.
+        if let Err(e) = self.evt.write(1) {
+            log::warn!("virtio: cannot signal interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Logs what a guest did wrong, but only the first few times: a guest must not be able to flood
+/// the host's log.
+pub(crate) struct GuestLog {
+    device: &'static str,
+    left: u32,
+}
+
+impl GuestLog {
+    const LIMIT: u32 = 20;
+
+    pub(crate) fn new(device: &'static str) -> Self {
+        GuestLog {
+            device,
+            left: Self::LIMIT,
+        }
+    }
+
+    pub(crate) fn warn(&mut self, msg: fmt::Arguments<'_>) {
+        match self.left {
+            0 => log::debug!("{}: {msg}", self.device),
+            1 => {
+                log::warn!(
+                    "{}: {msg} (further guest errors logged at debug level)",
+                    self.device
+                )
+            }
+            _ => log::warn!("{}: {msg}", self.device),
+        }
+        self.left = self.left.saturating_sub(1);
+    }
+}
