@@ -412,3 +412,331 @@ impl<D: VirtioDevice> MutEventSubscriber for MmioTransport<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+    use crate::virtio::{Block, DiskConfig};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const HDR: u64 = 0x8000;
+    const STATUS: u64 = 0x9000;
+    const DATA: u64 = 0x1_0000;
+    const QSIZE: u32 = 16;
+    const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH);
+
+    type Shared = Arc<Mutex<MmioTransport<Block>>>;
+
+    struct Guest {
+        mem: GuestMemoryMmap,
+        dev: Shared,
+        em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        image: TempFile,
+        avail_idx: u16,
+    }
+
+    impl Guest {
+        fn new() -> Self {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let image = TempFile::new_with_prefix("/tmp/ember-mmio-test").unwrap();
+            let bytes: Vec<u8> = (0..64 * 512).map(|i| (i * 7 % 251) as u8).collect();
+            image.as_file().write_all_at(&bytes, 0).unwrap();
+            let block = Block::new(&DiskConfig {
+                path: image.as_path().to_path_buf(),
+                readonly: false,
+                id: None,
+            })
+            .unwrap();
+            let dev = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block).unwrap()));
+            let mut em = EventManager::new().unwrap();
+            em.add_subscriber(dev.clone() as Arc<Mutex<dyn MutEventSubscriber + Send>>);
+            Guest {
+                mem,
+                dev,
+                em,
+                image: image,
+                avail_idx: 0,
+            }
+        }
+
+        fn read(&self, offset: u32) -> u32 {
+            let mut b = [0u8; 4];
+            self.dev.lock().unwrap().read(u64::from(offset), &mut b);
+            u32::from_le_bytes(b)
+        }
+
+        fn write(&self, offset: u32, value: u32) {
+            self.dev
+                .lock()
+                .unwrap()
+                .write(u64::from(offset), &value.to_le_bytes());
+        }
+
+        fn status(&self) -> u32 {
+            self.read(VIRTIO_MMIO_STATUS)
+        }
+
+        fn negotiate(&self, features: u64) {
+            self.write(VIRTIO_MMIO_STATUS, 0);
+            self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+            self.write(
+                VIRTIO_MMIO_STATUS,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+            );
+            for sel in 0..2 {
+                self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+                self.write(VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+            }
+            self.write(
+                VIRTIO_MMIO_STATUS,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+            );
+        }
+
+        fn setup_queue(&mut self) {
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(DESC))
+                .unwrap();
+            self.avail_idx = 0;
+            self.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+            self.write(VIRTIO_MMIO_QUEUE_NUM, QSIZE);
+            self.write(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32);
+            self.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+            self.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
+            self.write(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+            self.write(VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
+            self.write(VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+            self.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+
+        fn driver_ok(&mut self) {
+            let s = self.status();
+            self.write(VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+            // The event loop picks up the activation and starts watching the queue.
+            self.em.run_with_timeout(0).unwrap();
+        }
+
+        fn init(&mut self) {
+            self.negotiate(FEATURES);
+            self.setup_queue();
+            self.driver_ok();
+            assert!(self.dev.lock().unwrap().is_active());
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        /// Queues a one-sector read of `sector` into DATA and notifies the device.
+        fn submit_read(&mut self, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let next = VRING_DESC_F_NEXT as u16;
+            let w = VRING_DESC_F_WRITE as u16;
+            for (i, d) in [
+                Descriptor::new(HDR, 16, next, 1),
+                Descriptor::new(DATA, 512, w | next, 2),
+                Descriptor::new(STATUS, 1, w, 0),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                self.mem
+                    .write_obj(RawDescriptor::from(d), GuestAddress(DESC + 16 * i as u64))
+                    .unwrap();
+            }
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE as u16);
+            self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+            self.avail_idx += 1;
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        }
+    }
+
+    #[test]
+    fn identifies_as_a_version_2_block_device() {
+        let g = Guest::new();
+        assert_eq!(g.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(g.read(VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(g.read(VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_BLOCK);
+        assert_eq!(g.read(VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        let offered = g.dev.lock().unwrap().device().features();
+        g.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        let low = g.read(VIRTIO_MMIO_DEVICE_FEATURES);
+        g.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let high = g.read(VIRTIO_MMIO_DEVICE_FEATURES);
+        assert_eq!(u64::from(low) | (u64::from(high) << 32), offered);
+        assert_ne!(high & 1, 0, "VIRTIO_F_VERSION_1");
+        g.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(g.read(VIRTIO_MMIO_DEVICE_FEATURES), 0);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        g.write(VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "only one queue");
+        // Capacity, 64-bit, at the start of the config space.
+        assert_eq!(g.read(0x100), 64);
+        assert_eq!(g.read(0x104), 0);
+        // A 2-byte or unaligned register read gets zeros, and nothing breaks.
+        let mut b = [0xffu8; 2];
+        g.dev.lock().unwrap().read(0, &mut b);
+        assert_eq!(b, [0, 0]);
+        assert_eq!(g.read(0x2), 0);
+        g.dev.lock().unwrap().write(0x70, &[1]);
+        assert_eq!(g.status(), 0);
+    }
+
+    #[test]
+    fn requests_are_served_on_the_event_loop_and_interrupt() {
+        let mut g = Guest::new();
+        g.init();
+        g.submit_read(3);
+        // The vCPU side only forwarded the notification.
+        assert_eq!(g.used_idx(), 0);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+        assert_eq!(
+            g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        let mut got = [0u8; 512];
+        g.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (3 * 512..4 * 512).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(got.to_vec(), want);
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(g.dev.lock().unwrap().irq_evt().read().unwrap(), 1);
+        g.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn features_outside_the_offer_or_without_version_1_are_refused() {
+        let g = Guest::new();
+        g.negotiate(FEATURES | (1 << 50));
+        assert_eq!(g.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        g.negotiate(1 << VIRTIO_BLK_F_FLUSH);
+        assert_eq!(g.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        g.negotiate(FEATURES);
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        // Features are frozen once accepted.
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        assert_eq!(g.dev.lock().unwrap().driver_features, FEATURES);
+    }
+
+    #[test]
+    fn driver_ok_without_a_ready_queue_needs_reset() {
+        let mut g = Guest::new();
+        g.negotiate(FEATURES);
+        g.driver_ok();
+        assert!(!g.dev.lock().unwrap().is_active());
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        // Rings outside guest memory are refused the same way.
+        g.negotiate(FEATURES);
+        g.setup_queue();
+        g.write(VIRTIO_MMIO_QUEUE_USED_LOW, 0xfff0_0000);
+        g.driver_ok();
+        assert!(!g.dev.lock().unwrap().is_active());
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn status_steps_must_come_in_order() {
+        let mut g = Guest::new();
+        g.write(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(g.status(), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        // Queue registers are not writable before FEATURES_OK.
+        g.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 0);
+        g.init();
+        // Clearing bits without a reset is ignored; queues are frozen while live.
+        g.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+        g.write(VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn reset_stops_service_and_the_device_can_start_again() {
+        let mut g = Guest::new();
+        g.init();
+        g.submit_read(1);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+
+        g.write(VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(g.status(), 0);
+        assert!(!g.dev.lock().unwrap().is_active());
+        assert!(!g.dev.lock().unwrap().device().is_active());
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A request queued after the reset is not served.
+        g.submit_read(2);
+        g.dev.lock().unwrap().queue_evts()[0].write(1).unwrap();
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+
+        // The driver starts over; the event loop already watches the queue.
+        g.init();
+        g.submit_read(2);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1, "a fresh used ring with one entry");
+        assert_eq!(
+            g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+    }
+
+    #[test]
+    fn writes_through_the_transport_reach_theimage() {
+        let mut g = Guest::new();
+        g.init();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&9u64.to_le_bytes());
+        g.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        g.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        for (i, d) in [
+            Descriptor::new(HDR, 16, next, 1),
+            Descriptor::new(DATA, 512, next, 2),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            g.mem
+                .write_obj(RawDescriptor::from(d), GuestAddress(DESC + 16 * i as u64))
+                .unwrap();
+        }
+        g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        g.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+        let mut got = [0u8; 512];
+        g.image.as_file().read_exact_at(&mut got, 9 * 512).unwrap();
+        assert_eq!(got, [0x5a; 512]);
+    }
+}
