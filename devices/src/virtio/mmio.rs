@@ -469,7 +469,7 @@ mod tests {
                 mem,
                 dev,
                 em,
-                image: image,
+                image,
                 avail_idx: 0,
             }
         }
