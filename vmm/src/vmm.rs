@@ -286,7 +286,7 @@ fn install_stop_signals(evt: &EventFd) {
         // SAFETY: a plain handler that only calls write(2).
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_stop_signal as usize;
+            sa.sa_sigaction = on_stop_signal as *const () as usize;
             sa.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
