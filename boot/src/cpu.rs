@@ -417,3 +417,254 @@ pub fn configure_vcpu<M: GuestMemoryBackend>(
     setup_fpu(vcpu)?;
     setup_lapic(vcpu)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::load_kernel;
+    use crate::params::{configure_system, BootSetup};
+    use crate::testutil::{elf, guest_memory, Mem, TempFile, EM_X86_64};
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{VcpuExit, VmFd};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    /// 64-bit guest: writes 'A' to COM1, then the zero page's "HdrS" through RSI, then a byte
+    /// pushed and popped through the stack, then what it reads at the first virtio-mmio window
+    /// (3.25 GiB: only reachable if all four page directories are right), then halts.
+    const GUEST64: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov $0x3f8,%dx
+        0xb0, 0x41, // mov $'A',%al
+        0xee, // out %al,(%dx)
+        0x8b, 0x86, 0x02, 0x02, 0x00, 0x00, // mov 0x202(%rsi),%eax
+        0xef, // out %eax,(%dx)
+        0x6a, 0x42, // push $0x42
+        0x58, // pop %rax
+        0xee, // out %al,(%dx)
+        0xb9, 0x00, 0x00, 0x00, 0xd0, // mov $0xd0000000,%ecx
+        0x8b, 0x01, // mov (%rcx),%eax
+        0xef, // out %eax,(%dx)
+        0xf4, // hlt
+    ];
+    /// 32-bit PVH guest: writes the first dword at EBX (the start info magic) to COM1, halts.
+    const GUEST_PVH: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov $0x3f8,%dx
+        0x8b, 0x03, // mov (%ebx),%eax
+        0xef, // out %eax,(%dx)
+        0xf4, // hlt
+    ];
+
+    struct Vm {
+        kvm: Kvm,
+        vm: VmFd,
+        mem: Mem,
+    }
+
+    /// A VM with an irqchip and 64 MiB of memory, or `None` (said loudly) without /dev/kvm.
+    fn vm() -> Option<Vm> {
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("SKIPPED: cannot open /dev/kvm ({e}); vCPU tests did not run");
+                return None;
+            }
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize).unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = guest_memory(64 << 20);
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem.get_host_address(region.start_addr()).unwrap();
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping lives in `mem`, which the returned Vm keeps alive with the VM.
+            unsafe { vm.set_user_memory_region(region).unwrap() };
+        }
+        Some(Vm { kvm, vm, mem })
+    }
+
+    fn boot(vm: &Vm, image: &[u8], cpus: u8) -> LoadedKernel {
+        let file = TempFile::new("guest.elf", image);
+        let kernel = load_kernel(&vm.mem, &mut file.open()).unwrap();
+        let setup = BootSetup {
+            mem_size: 64 << 20,
+            cmdline: "console=ttyS0",
+            initrd: None,
+            cpus,
+            virtio_devices: &[],
+        };
+        configure_system(&vm.mem, &kernel, &setup).unwrap();
+        kernel
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Out(u16, Vec<u8>),
+        MmioRead(u64, usize),
+        Hlt,
+    }
+
+    /// Runs until HLT (or something unexpected), answering MMIO reads with 0x12345678.
+    fn run(vcpu: &mut VcpuFd) -> Vec<Event> {
+        let mut events = Vec::new();
+        for _ in 0..32 {
+            match vcpu.run().unwrap() {
+                VcpuExit::IoOut(port, data) => events.push(Event::Out(port, data.to_vec())),
+                VcpuExit::MmioRead(addr, data) => {
+                    events.push(Event::MmioRead(addr, data.len()));
+                    let value = 0x1234_5678u32.to_le_bytes();
+                    data.copy_from_slice(&value[..data.len()]);
+                }
+                VcpuExit::Hlt => {
+                    events.push(Event::Hlt);
+                    return events;
+                }
+                other => panic!("unexpected exit {other:?} after {events:?}"),
+            }
+        }
+        panic!("no HLT after {events:?}");
+    }
+
+    #[test]
+    fn linux64_entry_runs_in_long_mode_with_identity_paging() {
+        let Some(vm) = vm() else { return };
+        let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
+        assert_eq!(kernel.kind, EntryKind::Linux64);
+        let mut vcpu = vm.vm.create_vcpu(0).unwrap();
+        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem).unwrap();
+
+        let sregs = vcpu.get_sregs().unwrap();
+        assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
+        assert_eq!(sregs.cr3, layout::PML4_START);
+        assert_eq!(sregs.cs.l, 1);
+        let regs = vcpu.get_regs().unwrap();
+        assert_eq!(regs.rip, 0x10_0000);
+        assert_eq!(regs.rsi, layout::ZERO_PAGE_START);
+
+        assert_eq!(
+            run(&mut vcpu),
+            vec![
+                Event::Out(0x3f8, b"A".to_vec()),
+                Event::Out(0x3f8, b"HdrS".to_vec()),
+                Event::Out(0x3f8, vec![0x42]),
+                Event::MmioRead(layout::VIRTIO_MMIO_START, 4),
+                Event::Out(0x3f8, 0x1234_5678u32.to_le_bytes().to_vec()),
+                Event::Hlt,
+            ]
+        );
+    }
+
+    #[test]
+    fn pvh_entry_runs_in_protected_mode_with_start_info_in_ebx() {
+        let Some(vm) = vm() else { return };
+        let entry = 0x10_0000;
+        let kernel = boot(&vm, &elf(EM_X86_64, entry, GUEST_PVH, Some(entry as u32)), 1);
+        assert_eq!(kernel.kind, EntryKind::Pvh);
+        let mut vcpu = vm.vm.create_vcpu(0).unwrap();
+        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem).unwrap();
+
+        let sregs = vcpu.get_sregs().unwrap();
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!(sregs.efer & EFER_LMA, 0);
+        assert_eq!((sregs.cs.db, sregs.cs.l, sregs.cs.limit), (1, 0, 0xffff_ffff));
+        assert_eq!(sregs.tr.limit, 0x67);
+        assert_eq!(vcpu.get_regs().unwrap().rbx, layout::PVH_INFO_START);
+
+        let magic = linux_loader::start_info::XEN_HVM_START_MAGIC_VALUE;
+        assert_eq!(
+            run(&mut vcpu),
+            vec![Event::Out(0x3f8, magic.to_le_bytes().to_vec()), Event::Hlt]
+        );
+    }
+
+    fn cpuid_leaf(vcpu: &VcpuFd, function: u32, index: u32) -> Option<kvm_cpuid_entry2> {
+        let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .copied()
+    }
+
+    #[test]
+    fn second_vcpu_of_two_gets_its_apic_id_and_lapic_wiring() {
+        let Some(vm) = vm() else { return };
+        let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 2);
+        let vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.vm.create_vcpu(i).unwrap()).collect();
+        for (id, vcpu) in vcpus.iter().enumerate() {
+            configure_vcpu(&vm.kvm, vcpu, id as u8, 2, &kernel, &vm.mem).unwrap();
+        }
+        let leaf1 = cpuid_leaf(&vcpus[1], 1, 0).unwrap();
+        assert_eq!(leaf1.ebx >> 24, 1, "initial APIC id of vCPU 1");
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 2, "logical processors");
+        assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_eq!(cpuid_leaf(&vcpus[0], 1, 0).unwrap().ebx >> 24, 0);
+        if let Some(core_level) = cpuid_leaf(&vcpus[1], 0xb, 1) {
+            assert_eq!(core_level.edx, 1, "x2APIC id");
+            assert_eq!(core_level.ebx & 0xffff, 2, "cores");
+            assert_eq!((core_level.ecx >> 8) & 0xff, TOPOLOGY_LEVEL_CORE);
+        }
+        let lapic = vcpus[1].get_lapic().unwrap();
+        assert_eq!((lapic_reg(&lapic, APIC_LVT_LINT0) >> 8) & 7, APIC_MODE_EXTINT);
+        assert_eq!((lapic_reg(&lapic, APIC_LVT_LINT1) >> 8) & 7, APIC_MODE_NMI);
+
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_MTRR_DEF_TYPE,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpus[1].get_msrs(&mut msrs).unwrap(), 1);
+        assert_eq!(msrs.as_slice()[0].data, MTRR_ENABLE | MTRR_TYPE_WRITEBACK);
+    }
+
+    #[test]
+    fn vcpu_id_beyond_cpu_count_is_refused() {
+        let Some(vm) = vm() else { return };
+        let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
+        let vcpu = vm.vm.create_vcpu(0).unwrap();
+        assert!(matches!(
+            configure_vcpu(&vm.kvm, &vcpu, 1, 1, &kernel, &vm.mem),
+            Err(CpuError::InvalidCpu { id: 1, cpus: 1 })
+        ));
+    }
+
+    fn synthetic(function: u32, index: u32, eax: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn intel_cache_leaf_shares_l3_across_the_package() {
+        let mut entries = vec![
+            kvm_cpuid_entry2 {
+                function: 0,
+                ebx: u32::from_le_bytes(*b"Genu"),
+                edx: u32::from_le_bytes(*b"ineI"),
+                ecx: u32::from_le_bytes(*b"ntel"),
+                ..Default::default()
+            },
+            // L1d (type 1, level 1) and L3 (type 3, level 3), each claiming 64 sharers.
+            synthetic(4, 0, (63 << 14) | (1 << 5) | 1),
+            synthetic(4, 3, (63 << 14) | (3 << 5) | 3),
+            synthetic(0xb, 0, 0),
+        ];
+        normalize_cpuid(&mut entries, 3, 4);
+        let l1 = entries.iter().find(|e| e.function == 4 && e.index == 0).unwrap();
+        let l3 = entries.iter().find(|e| e.function == 4 && e.index == 3).unwrap();
+        assert_eq!((l1.eax >> 14) & 0xfff, 0);
+        assert_eq!((l3.eax >> 14) & 0xfff, 3);
+        assert_eq!(l3.eax >> 26, 3, "cores per package - 1");
+        let topo: Vec<_> = entries.iter().filter(|e| e.function == 0xb).collect();
+        assert_eq!(topo.len(), 3);
+        assert_eq!((topo[1].eax, topo[1].ebx, topo[1].edx), (2, 4, 3));
+    }
+}

@@ -11,6 +11,8 @@ pub mod layout;
 pub mod mptable;
 pub mod paging;
 pub mod params;
+#[cfg(test)]
+mod testutil;
 
 pub use acpi::{create_acpi_tables, AcpiError};
 pub use cpu::{configure_vcpu, CpuError};

@@ -1,0 +1,108 @@
+//! Attaching `--disk` images as virtio-blk devices on virtio-mmio.
+//!
+//! Each disk gets the next virtio-mmio slot from the memory map (address, IRQ), an irqfd on that
+//! IRQ, one ioeventfd per queue at QueueNotify (datamatch = queue index), a place on the MMIO bus,
+//! and a subscriber on the event loop, which is where its requests are served.
+
+use std::sync::{Arc, Mutex};
+
+use ember_boot::layout::MmioDeviceInfo;
+use ember_devices::virtio::block::BlockError;
+use ember_devices::virtio::mmio::NOTIFY_OFFSET;
+use ember_devices::virtio::{Block, DiskConfig, MmioTransport};
+use ember_devices::{Bus, BusDevice};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("too many disks: the IOAPIC has IRQ lines for {max} virtio devices")]
+    TooMany { max: u32 },
+    #[error(transparent)]
+    Image(#[from] BlockError),
+    #[error("disk {}: cannot create the virtio-mmio device: {source}", path.display())]
+    Transport {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {}: cannot register the irqfd on IRQ {irq}: {source}", path.display())]
+    Irqfd {
+        path: std::path::PathBuf,
+        irq: u32,
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("disk {}: cannot register the queue notification ioeventfd: {source}", path.display())]
+    Ioeventfd {
+        path: std::path::PathBuf,
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("disk {}: {source}", path.display())]
+    Bus {
+        path: std::path::PathBuf,
+        #[source]
+        source: ember_devices::bus::BusError,
+    },
+}
+
+/// Creates one virtio-blk device per disk, in order (the first is the guest's vda), and returns
+/// the slots they took: the DSDT describes them and each `cmdline_word()` goes on the kernel
+/// command line.
+pub fn attach_disks(
+    vm: &VmFd,
+    mmio_bus: &mut Bus,
+    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    mem: &GuestMemoryMmap,
+    disks: &[DiskConfig],
+) -> Result<Vec<MmioDeviceInfo>, DiskError> {
+    let mut slots = Vec::with_capacity(disks.len());
+    for (i, disk) in disks.iter().enumerate() {
+        let slot = u32::try_from(i)
+            .ok()
+            .and_then(MmioDeviceInfo::virtio_slot)
+            .ok_or(DiskError::TooMany {
+                max: ember_boot::layout::VIRTIO_IRQ_MAX - ember_boot::layout::VIRTIO_IRQ_BASE + 1,
+            })?;
+        let path = || disk.path.clone();
+        let block = Block::new(disk)?;
+        let transport =
+            MmioTransport::new(mem.clone(), block).map_err(|source| DiskError::Transport {
+                path: path(),
+                source,
+            })?;
+        vm.register_irqfd(transport.irq_evt(), slot.irq)
+            .map_err(|source| DiskError::Irqfd {
+                path: path(),
+                irq: slot.irq,
+                source,
+            })?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(slot.addr + NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|source| DiskError::Ioeventfd {
+                path: path(),
+                source,
+            })?;
+        }
+        let device = Arc::new(Mutex::new(transport));
+        mmio_bus
+            .insert(
+                slot.addr,
+                slot.len,
+                device.clone() as Arc<Mutex<dyn BusDevice>>,
+            )
+            .map_err(|source| DiskError::Bus {
+                path: path(),
+                source,
+            })?;
+        event_manager.add_subscriber(device as Arc<Mutex<dyn MutEventSubscriber + Send>>);
+        slots.push(slot);
+    }
+    Ok(slots)
+}
