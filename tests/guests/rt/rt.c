@@ -145,6 +145,8 @@ const char *param(const char *key)
 			s++;
 		if ((usize)(s - w) >= klen && !memcmp(w, key, klen)) {
 			usize n = (usize)(s - w) - klen;
+			if (n >= CMDLINE_MAX)
+				n = CMDLINE_MAX - 1;
 			memcpy(value, w + klen, n);
 			value[n] = 0;
 			return value;
