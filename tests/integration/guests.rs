@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -300,20 +300,32 @@ fn wait_line(rx: &mpsc::Receiver<String>, want: &str, until: Instant, seen: &mut
     }
 }
 
+/// Kills Ember if the test fails while the guest still runs, so no VM outlives its test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn echo_stdin_reaches_the_guest_line_by_line() {
     common::kvm_kind();
     let kernel = common::guest("echo");
-    let mut child = Command::new(common::ember())
-        .args(["run", "--kernel", kernel.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(common::ember())
+            .args(["run", "--kernel", kernel.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let until = Instant::now() + DEADLINE;
-    let rx = line_reader(child.stdout.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
+    let rx = line_reader(child.0.stdout.take().unwrap());
+    let mut stdin = child.0.stdin.take().unwrap();
     let mut seen = Vec::new();
 
     // Each line is sent only after the guest has answered the previous one, so the bytes cross
@@ -326,10 +338,10 @@ fn echo_stdin_reaches_the_guest_line_by_line() {
     stdin.write_all(b"quit\n").unwrap();
     wait_line(&rx, "echo: quit", until, &mut seen);
 
-    let status = common::wait_deadline(&mut child, until.saturating_duration_since(Instant::now()))
+    let left = until.saturating_duration_since(Instant::now());
+    let status = common::wait_deadline(&mut child.0, left)
         .unwrap_or_else(|| panic!("ember did not exit after quit:\n{}", seen.join("\n")));
     assert!(status.success(), "{status:?}\n{}", seen.join("\n"));
-    drop(stdin);
 }
 
 #[test]
