@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use ember_boot::layout::CMDLINE_MAX_SIZE;
+pub use ember_devices::virtio::DiskConfig;
 
 /// What a microVM wants: the console on COM1, reboot through the i8042 (which ends the VM), no
 /// PCI probing. Ember appends the words its own devices need.
@@ -48,13 +49,6 @@ pub enum TimingsFormat {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    pub path: PathBuf,
-    pub readonly: bool,
-    pub id: Option<String>,
-}
-
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -64,7 +58,7 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory: u64,
     pub serial: SerialMode,
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<DiskConfig>,
     pub timings: Option<TimingsFormat>,
     pub ready_marker: Option<String>,
     pub seccomp: bool,
@@ -121,7 +115,7 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
 }
 
 /// `path=IMG[,readonly=on|off][,id=NAME]`; a bare `IMG` is taken as the path.
-pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::BadDisk {
         spec: spec.to_string(),
         reason: reason.to_string(),
@@ -150,7 +144,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
         }
     }
     match path {
-        Some(p) if !p.is_empty() => Ok(DiskSpec {
+        Some(p) if !p.is_empty() => Ok(DiskConfig {
             path: PathBuf::from(p),
             readonly,
             id,
@@ -205,7 +199,15 @@ mod tests {
         assert_eq!(parse_size("4g").unwrap(), 4 << 30);
         assert_eq!(parse_size("1024K").unwrap(), 1 << 20);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "M", "-1G", "1.5G", "12Q", "99999999999999999999G", "1 G"] {
+        for bad in [
+            "",
+            "M",
+            "-1G",
+            "1.5G",
+            "12Q",
+            "99999999999999999999G",
+            "1 G",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert!(parse_memory("0").is_err());
@@ -241,7 +243,13 @@ mod tests {
         assert_eq!(d.id.as_deref(), Some("root"));
         assert_eq!(parse_disk("b.img").unwrap().path, PathBuf::from("b.img"));
         assert!(!parse_disk("b.img").unwrap().readonly);
-        for bad in ["", "readonly=on", "path=", "path=a,readonly=maybe", "path=a,colour=red"] {
+        for bad in [
+            "",
+            "readonly=on",
+            "path=",
+            "path=a,readonly=maybe",
+            "path=a,colour=red",
+        ] {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
         assert!(parse_disk("path=a,id=aaaaaaaaaaaaaaaaaaaaa").is_err());

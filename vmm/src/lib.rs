@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod console;
+pub mod disks;
 pub mod event_loop;
 pub mod timeline;
 pub mod vcpu;

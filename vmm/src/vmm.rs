@@ -76,6 +76,8 @@ pub enum VmmError {
     VcpuSetup(u8, #[source] ember_boot::cpu::CpuError),
     #[error("{0}")]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Disk(#[from] crate::disks::DiskError),
     #[error("device set-up: {0}")]
     Devices(String),
     #[error("event loop: {0:?}")]
@@ -181,7 +183,10 @@ fn open_read(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<(LoadedKernel, Option<kernel::InitrdInfo>)> {
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<(LoadedKernel, Option<kernel::InitrdInfo>)> {
     let mut kfile = open_read(&cfg.kernel)?;
     let loaded = kernel::load_kernel(mem, &mut kfile).map_err(|source| VmmError::Kernel {
         path: cfg.kernel.clone(),
@@ -249,7 +254,11 @@ fn setup_legacy_devices(vm: &VmFd, pio: &mut Bus, cfg: &VmConfig) -> Result<Lega
 
     let devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 3] = [
         (layout::COM1_PORT, 8, serial.clone()),
-        (layout::I8042_PORT, I8042_PORT_LEN, Arc::new(Mutex::new(I8042::new(reset)))),
+        (
+            layout::I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(reset))),
+        ),
         (
             layout::ACPI_SLEEP_CONTROL_PORT,
             ACPI_PM_PORT_LEN,
@@ -327,12 +336,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let legacy = setup_legacy_devices(&vm, &mut pio, cfg)?;
-    // virtio-blk is wired in by crate::disks (in progress); until then disks are refused.
-    if !cfg.disks.is_empty() {
-        return Err(VmmError::Devices("--disk is not available in this build yet".into()));
-    }
-    let virtio: Vec<MmioDeviceInfo> = Vec::new();
-    let _ = &mut mmio;
+    let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mut event_manager, &mem, &cfg.disks)?;
 
     let words: Vec<String> = virtio.iter().map(MmioDeviceInfo::cmdline_word).collect();
     let cmdline = config::full_cmdline(&cfg.cmdline, &words)?;
