@@ -94,10 +94,11 @@ impl VcpuThread {
         pio: Bus,
         mmio: Bus,
         ctl: Arc<VmControl>,
+        seccomp: bool,
     ) -> Result<Self, VcpuError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &ctl))
+            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &ctl, seccomp))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuThread { handle })
     }
@@ -119,7 +120,14 @@ impl VcpuThread {
     }
 }
 
-fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl) {
+fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, seccomp: bool) {
+    // Before the first guest instruction: from here on the guest drives this thread.
+    if seccomp {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+            ctl.request_exit(ExitReason::VcpuFailed(format!("vCPU {id}: {e}")));
+            return;
+        }
+    }
     if id == 0 {
         timeline::mark(Phase::FirstKvmRun);
     }

@@ -84,6 +84,8 @@ pub enum VmmError {
     EventLoop(event_manager::Error),
     #[error("the guest stopped: {0}")]
     GuestFailed(String),
+    #[error(transparent)]
+    Seccomp(crate::seccomp::SeccompError),
 }
 
 type Result<T> = std::result::Result<T, VmmError>;
@@ -384,10 +386,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
             pio.clone(),
             mmio.clone(),
             ctl.clone(),
+            cfg.seccomp,
         )?);
     }
 
+    // The main thread's filter goes on before the event loop serves anything the guest controls.
+    let mut seccomp_error = if cfg.seccomp {
+        crate::seccomp::install(crate::seccomp::ThreadKind::Main).err()
+    } else {
+        None
+    };
     let result = loop {
+        if let Some(e) = seccomp_error.take() {
+            break Err(VmmError::Seccomp(e));
+        }
         if let Some(reason) = ctl.reason() {
             break Ok(reason);
         }
