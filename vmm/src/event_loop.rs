@@ -94,7 +94,11 @@ const DATA_STDIN: u32 = 0;
 const DATA_DRAINED: u32 = 1;
 
 impl ConsoleInput {
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, ctl: Arc<VmControl>, tty: bool) -> std::io::Result<Self> {
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        ctl: Arc<VmControl>,
+        tty: bool,
+    ) -> std::io::Result<Self> {
         let drained = lock(&serial).fifo_drained().try_clone()?;
         Ok(ConsoleInput {
             serial,

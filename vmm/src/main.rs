@@ -11,7 +11,11 @@ use ember_vmm::timeline::{self, Phase};
 use ember_vmm::vcpu::ExitReason;
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "A lightweight KVM virtual machine monitor")]
+#[command(
+    name = "ember",
+    version,
+    about = "A lightweight KVM virtual machine monitor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,7 +113,12 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                     ExitCode::from(2)

@@ -65,7 +65,10 @@ impl VmControl {
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn stopping(&self) -> bool {
