@@ -427,3 +427,281 @@ pub fn load_initramfs<M: GuestMemoryBackend>(
         size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{elf, guest_memory, TempFile, EM_AARCH64, EM_X86_64};
+    use std::path::PathBuf;
+
+    const CODE: &[u8] = &[0xf4; 64];
+
+    fn load(bytes: &[u8]) -> Result<LoadedKernel, KernelError> {
+        load_with_memory(bytes, 64 << 20)
+    }
+
+    fn load_with_memory(bytes: &[u8], mem_size: u64) -> Result<LoadedKernel, KernelError> {
+        let mem = guest_memory(mem_size);
+        let file = TempFile::new("kernel", bytes);
+        load_kernel(&mem, &mut file.open())
+    }
+
+    #[test]
+    fn elf_without_pvh_note_enters_at_e_entry_in_long_mode() {
+        let kernel = load(&elf(EM_X86_64, 0x20_0000, CODE, None)).unwrap();
+        assert_eq!(kernel.kind, EntryKind::Linux64);
+        assert_eq!(kernel.entry, GuestAddress(0x20_0000));
+        assert_eq!(
+            kernel.kernel_end,
+            GuestAddress(0x20_0000 + CODE.len() as u64)
+        );
+        assert!(kernel.setup_header.is_none());
+    }
+
+    #[test]
+    fn elf_code_lands_at_its_physical_address() {
+        let code: Vec<u8> = (0..200u8).collect();
+        let mem = guest_memory(64 << 20);
+        let file = TempFile::new("kernel", &elf(EM_X86_64, 0x10_0000, &code, None));
+        load_kernel(&mem, &mut file.open()).unwrap();
+        let mut back = vec![0u8; code.len()];
+        mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(back, code);
+    }
+
+    #[test]
+    fn elf_with_pvh_note_enters_through_pvh() {
+        let kernel = load(&elf(EM_X86_64, 0x10_0000, CODE, Some(0x10_0020))).unwrap();
+        assert_eq!(kernel.kind, EntryKind::Pvh);
+        assert_eq!(kernel.entry, GuestAddress(0x10_0020));
+    }
+
+    #[test]
+    fn empty_file_is_reported_as_empty() {
+        assert!(matches!(load(&[]), Err(KernelError::Empty)));
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let err = load(&garbage).unwrap_err();
+        assert!(matches!(err, KernelError::NotAKernel));
+        assert_eq!(
+            err.to_string(),
+            "the kernel image is not an x86_64 ELF or bzImage kernel"
+        );
+        assert!(matches!(load(b"hi"), Err(KernelError::NotAKernel)));
+    }
+
+    #[test]
+    fn elf_for_aarch64_names_the_architecture() {
+        let err = load(&elf(EM_AARCH64, 0x10_0000, CODE, None)).unwrap_err();
+        assert!(matches!(
+            err,
+            KernelError::WrongArchitecture {
+                machine: EM_AARCH64,
+                arch: "aarch64"
+            }
+        ));
+        assert!(err.to_string().contains("aarch64"), "{err}");
+    }
+
+    #[test]
+    fn elf32_is_refused() {
+        let mut image = elf(EM_X86_64, 0x10_0000, CODE, None);
+        image[4] = 1; // ELFCLASS32
+        assert!(matches!(load(&image), Err(KernelError::Elf32)));
+    }
+
+    #[test]
+    fn elf_cut_short_is_truncated_not_partially_loaded() {
+        let image = elf(EM_X86_64, 0x10_0000, CODE, None);
+        // Cut inside the segment, inside the program headers, inside the ELF header.
+        for cut in [image.len() - 10, 64 + 20, 40] {
+            match load(&image[..cut]) {
+                Err(KernelError::Truncated { len, .. }) => assert_eq!(len, cut as u64),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn elf_bigger_than_memory_does_not_fit() {
+        // A segment claiming 16 MiB in memory at 1 MiB, in an 8 MiB guest.
+        let mut image = elf(EM_X86_64, 0x10_0000, CODE, None);
+        let memsz_offset = 64 + 40;
+        image[memsz_offset..memsz_offset + 8].copy_from_slice(&(16u64 << 20).to_le_bytes());
+        let err = load_with_memory(&image, 8 << 20).unwrap_err();
+        assert!(matches!(err, KernelError::TooBig { .. }), "{err:?}");
+        assert!(err.to_string().contains("does not fit in guest memory"));
+    }
+
+    #[test]
+    fn elf_loading_below_1mib_is_refused() {
+        let err = load(&elf(EM_X86_64, 0x8000, CODE, None)).unwrap_err();
+        assert!(matches!(err, KernelError::LoadsTooLow { addr: 0x8000, .. }));
+    }
+
+    /// A bzImage-shaped file: boot sector + one setup sector, then `payload`.
+    fn fake_bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
+        let mut hdr = setup_header {
+            setup_sects: 1,
+            boot_flag: 0xaa55,
+            header: BZIMAGE_MAGIC,
+            version,
+            loadflags: 1, // LOADED_HIGH
+            code32_start: 0x10_0000,
+            xloadflags,
+            syssize: payload.len().div_ceil(16) as u32,
+            init_size: 0x20_0000,
+            pref_address: 0x100_0000,
+            ..Default::default()
+        };
+        hdr.cmdline_size = 2047;
+        let mut image = vec![0u8; 1024];
+        image[0x1f1..0x1f1 + std::mem::size_of::<setup_header>()].copy_from_slice(hdr.as_slice());
+        image.extend_from_slice(payload);
+        image
+    }
+
+    #[test]
+    fn bzimage_enters_0x200_into_protected_mode_code() {
+        let payload = vec![0x90u8; 4096];
+        let kernel = load(&fake_bzimage(0x020f, XLF_KERNEL_64, &payload)).unwrap();
+        assert_eq!(kernel.kind, EntryKind::Linux64);
+        assert_eq!(kernel.entry, GuestAddress(0x10_0200));
+        let hdr = kernel.setup_header.unwrap();
+        assert_eq!({ hdr.header }, BZIMAGE_MAGIC);
+        // The decompression area (pref_address + init_size) is counted as kernel.
+        assert_eq!(kernel.kernel_end, GuestAddress(0x100_0000 + 0x20_0000));
+    }
+
+    #[test]
+    fn bzimage_without_64bit_entry_is_refused() {
+        let payload = vec![0x90u8; 4096];
+        assert!(matches!(
+            load(&fake_bzimage(0x020f, 0, &payload)),
+            Err(KernelError::No64BitEntry)
+        ));
+        let err = load(&fake_bzimage(0x0204, 0, &payload)).unwrap_err();
+        assert!(matches!(
+            err,
+            KernelError::OldBootProtocol { major: 2, minor: 4 }
+        ));
+        assert!(err.to_string().contains("2.04"), "{err}");
+    }
+
+    #[test]
+    fn bzimage_cut_short_is_truncated() {
+        let image = fake_bzimage(0x020f, XLF_KERNEL_64, &vec![0x90u8; 4096]);
+        let cut = image.len() - 100;
+        assert!(matches!(
+            load(&image[..cut]),
+            Err(KernelError::Truncated { len, .. }) if len == cut as u64
+        ));
+    }
+
+    #[test]
+    fn bzimage_too_big_to_decompress_does_not_fit() {
+        // 1 MiB + 16 MiB preferred address + 2 MiB init_size > 8 MiB of RAM.
+        let image = fake_bzimage(0x020f, XLF_KERNEL_64, &vec![0x90u8; 4096]);
+        assert!(matches!(
+            load_with_memory(&image, 8 << 20),
+            Err(KernelError::TooBig { .. })
+        ));
+    }
+
+    fn kit_file(name: &str) -> Option<PathBuf> {
+        let home = std::env::var_os("HOME")?;
+        let path = PathBuf::from(home).join(".cache/ember/kit").join(name);
+        path.exists().then_some(path)
+    }
+
+    #[test]
+    fn kit_bzimage_loads_with_its_setup_header() {
+        let Some(path) = kit_file("bzImage") else {
+            eprintln!("SKIPPED: no kit ($HOME/.cache/ember/kit/bzImage); real bzImage not tested");
+            return;
+        };
+        let mem = guest_memory(256 << 20);
+        let kernel = load_kernel(&mem, &mut File::open(&path).unwrap()).unwrap();
+        assert_eq!(kernel.kind, EntryKind::Linux64);
+        let hdr = kernel.setup_header.expect("a bzImage has a setup header");
+        assert_eq!({ hdr.header }, BZIMAGE_MAGIC);
+        assert_ne!(hdr.xloadflags & XLF_KERNEL_64, 0);
+        assert_eq!(kernel.entry.0, u64::from(hdr.code32_start) + 0x200);
+        // What was loaded at code32_start is the file after the setup sectors.
+        let setup_size = (u64::from(hdr.setup_sects) + 1) * 512;
+        let mut expected = vec![0u8; 256];
+        read_at(&mut File::open(&path).unwrap(), setup_size, &mut expected).unwrap();
+        let mut loaded = vec![0u8; 256];
+        mem.read_slice(&mut loaded, GuestAddress(u64::from(hdr.code32_start)))
+            .unwrap();
+        assert_eq!(loaded, expected);
+    }
+
+    #[test]
+    fn kit_vmlinux_loads_with_pvh_entry() {
+        let Some(path) = kit_file("vmlinux") else {
+            eprintln!("SKIPPED: no kit ($HOME/.cache/ember/kit/vmlinux); real vmlinux not tested");
+            return;
+        };
+        let mem = guest_memory(256 << 20);
+        let kernel = load_kernel(&mem, &mut File::open(&path).unwrap()).unwrap();
+        // Debian's cloud kernel (the kit's) is built with CONFIG_PVH=y.
+        assert_eq!(kernel.kind, EntryKind::Pvh);
+        assert!(kernel.entry.0 >= layout::HIMEM_START);
+    }
+
+    #[test]
+    fn initramfs_goes_high_page_aligned_and_intact() {
+        let mem = guest_memory(64 << 20);
+        let kernel = load(&elf(EM_X86_64, 0x10_0000, CODE, None)).unwrap();
+        let contents: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let file = TempFile::new("initrd", &contents);
+        let info = load_initramfs(&mem, &mut file.open(), &kernel, 64 << 20).unwrap();
+        assert_eq!(info.size, contents.len() as u64);
+        assert_eq!(info.addr.0 % PAGE_SIZE, 0);
+        assert!(info.addr.0 + info.size <= 64 << 20);
+        assert!(
+            info.addr.0 + info.size > (64 << 20) - PAGE_SIZE,
+            "as high as possible"
+        );
+        let mut back = vec![0u8; contents.len()];
+        mem.read_slice(&mut back, info.addr).unwrap();
+        assert_eq!(back, contents);
+    }
+
+    #[test]
+    fn initramfs_respects_initrd_addr_max() {
+        let mem = guest_memory(64 << 20);
+        let mut kernel = load(&elf(EM_X86_64, 0x10_0000, CODE, None)).unwrap();
+        kernel.setup_header = Some(setup_header {
+            initrd_addr_max: (32 << 20) - 1,
+            ..Default::default()
+        });
+        let file = TempFile::new("initrd", &[1u8; 5000]);
+        let info = load_initramfs(&mem, &mut file.open(), &kernel, 64 << 20).unwrap();
+        assert!(info.addr.0 + info.size <= 32 << 20);
+        assert_eq!(info.addr.0, (32 << 20) - 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn initramfs_too_big_or_empty_is_an_error() {
+        let mem = guest_memory(4 << 20);
+        let kernel = LoadedKernel {
+            entry: GuestAddress(0x10_0000),
+            kind: EntryKind::Linux64,
+            setup_header: None,
+            kernel_end: GuestAddress(0x30_0000),
+        };
+        let file = TempFile::new("initrd", &vec![0u8; 2 << 20]);
+        let err = load_initramfs(&mem, &mut file.open(), &kernel, 4 << 20).unwrap_err();
+        assert!(matches!(err, KernelError::InitrdTooBig { .. }), "{err:?}");
+        let empty = TempFile::new("initrd", &[]);
+        assert!(matches!(
+            load_initramfs(&mem, &mut empty.open(), &kernel, 4 << 20),
+            Err(KernelError::InitrdEmpty)
+        ));
+    }
+}
