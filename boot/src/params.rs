@@ -278,3 +278,250 @@ fn write_pvh_start_info<M: GuestMemoryBackend>(
     }
     PvhBootConfigurator::write_bootparams::<M>(&params, mem).map_err(BootError::StartInfo)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{guest_memory, Mem};
+
+    const RESERVED_BELOW_1MIB: u64 = layout::HIMEM_START - layout::EBDA_START;
+
+    fn ram_sum(map: &[E820Entry]) -> u64 {
+        map.iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum()
+    }
+
+    fn assert_sorted_disjoint(map: &[E820Entry]) {
+        for pair in map.windows(2) {
+            assert!(
+                pair[0].addr + pair[0].size <= pair[1].addr,
+                "overlap or disorder: {pair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn e820_ram_is_memory_minus_the_reserved_385k() {
+        for mib in [128u64, 512, 3 << 10, 4 << 10] {
+            let mem_size = mib << 20;
+            let map = e820_map(mem_size);
+            assert_sorted_disjoint(&map);
+            assert_eq!(ram_sum(&map), mem_size - RESERVED_BELOW_1MIB, "{mib} MiB");
+            assert_eq!(RESERVED_BELOW_1MIB, 0x60400);
+            // Nothing in the MMIO hole.
+            for e in &map {
+                let end = e.addr + e.size;
+                assert!(
+                    end <= layout::MMIO_HOLE_START || e.addr >= layout::MMIO_HOLE_END,
+                    "{e:?} overlaps the hole"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn e820_above_3g_continues_at_4g() {
+        let map = e820_map(4 << 30);
+        assert_eq!(map.len(), 4);
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: layout::HIMEM_START,
+                size: layout::MMIO_HOLE_START - layout::HIMEM_START,
+                kind: E820Kind::Ram
+            }
+        );
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 << 30,
+                size: 1 << 30,
+                kind: E820Kind::Ram
+            }
+        );
+        assert_eq!(e820_map(128 << 20).len(), 3);
+        assert_eq!(e820_map(3 << 30).len(), 3);
+    }
+
+    fn elf_kernel(kind: EntryKind) -> LoadedKernel {
+        LoadedKernel {
+            entry: GuestAddress(0x100_0000),
+            kind,
+            setup_header: None,
+            kernel_end: GuestAddress(0x200_0000),
+        }
+    }
+
+    const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+    fn configure(mem: &Mem, kernel: &LoadedKernel, initrd: Option<InitrdInfo>) {
+        let setup = BootSetup {
+            mem_size: 128 << 20,
+            cmdline: CMDLINE,
+            initrd,
+            cpus: 2,
+            virtio_devices: &[],
+        };
+        configure_system(mem, kernel, &setup).unwrap();
+    }
+
+    fn read_cstr(mem: &Mem, addr: u64) -> String {
+        let mut buf = vec![0u8; layout::CMDLINE_MAX_SIZE];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        let end = buf.iter().position(|b| *b == 0).unwrap();
+        String::from_utf8(buf[..end].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn zero_page_points_at_cmdline_initrd_e820_and_rsdp() {
+        let mem = guest_memory(128 << 20);
+        let initrd = InitrdInfo {
+            addr: GuestAddress(0x700_0000),
+            size: 12345,
+        };
+        configure(&mem, &elf_kernel(EntryKind::Linux64), Some(initrd));
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!(hdr.type_of_loader, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.cmd_line_ptr } as u64, layout::CMDLINE_START);
+        assert_eq!({ hdr.cmdline_size } as usize, CMDLINE.len());
+        assert_eq!(read_cstr(&mem, layout::CMDLINE_START), CMDLINE);
+        assert_eq!({ hdr.ramdisk_image }, 0x700_0000);
+        assert_eq!({ hdr.ramdisk_size }, 12345);
+        assert_eq!({ params.acpi_rsdp_addr }, layout::RSDP_START);
+        assert_eq!(params.e820_entries, 3);
+        let table = params.e820_table;
+        let ram: u64 = table[..3]
+            .iter()
+            .filter(|e| e.r#type == E820Kind::Ram as u32)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, (128 << 20) - RESERVED_BELOW_1MIB);
+        let mut rsdp = [0u8; 8];
+        mem.read_slice(&mut rsdp, GuestAddress(layout::RSDP_START))
+            .unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
+    }
+
+    #[test]
+    fn zero_page_keeps_the_bzimage_header() {
+        let mem = guest_memory(128 << 20);
+        let mut kernel = elf_kernel(EntryKind::Linux64);
+        kernel.setup_header = Some(setup_header {
+            header: KERNEL_HDR_MAGIC,
+            version: 0x020f,
+            cmdline_size: 255,
+            xloadflags: 0x7f,
+            code32_start: 0x10_0000,
+            ..Default::default()
+        });
+        configure(&mem, &kernel, None);
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.version }, 0x020f);
+        assert_eq!({ hdr.xloadflags }, 0x7f);
+        assert_eq!({ hdr.cmdline_size }, 255, "the kernel's limit stays");
+        assert_eq!(hdr.type_of_loader, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.ramdisk_image }, 0);
+    }
+
+    #[test]
+    fn cmdline_over_the_kernels_limit_is_refused() {
+        let mem = guest_memory(128 << 20);
+        let mut kernel = elf_kernel(EntryKind::Linux64);
+        let long = "x".repeat(layout::CMDLINE_MAX_SIZE);
+        let setup = BootSetup {
+            mem_size: 128 << 20,
+            cmdline: &long,
+            initrd: None,
+            cpus: 1,
+            virtio_devices: &[],
+        };
+        assert!(matches!(
+            configure_system(&mem, &kernel, &setup),
+            Err(BootError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            })
+        ));
+        let exact = "x".repeat(layout::CMDLINE_MAX_SIZE - 1);
+        configure_system(
+            &mem,
+            &kernel,
+            &BootSetup {
+                cmdline: &exact,
+                ..setup
+            },
+        )
+        .unwrap();
+        assert_eq!(read_cstr(&mem, layout::CMDLINE_START), exact);
+
+        kernel.setup_header = Some(setup_header {
+            version: 0x020f,
+            cmdline_size: 100,
+            ..Default::default()
+        });
+        let err = configure_system(
+            &mem,
+            &kernel,
+            &BootSetup {
+                cmdline: &"y".repeat(101),
+                ..setup
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::CmdlineTooLong { len: 101, max: 100 }
+        ));
+    }
+
+    #[test]
+    fn pvh_start_info_has_cmdline_memmap_rsdp_and_initrd_module() {
+        let mem = guest_memory(128 << 20);
+        let initrd = InitrdInfo {
+            addr: GuestAddress(0x700_0000),
+            size: 4096,
+        };
+        configure(&mem, &elf_kernel(EntryKind::Pvh), Some(initrd));
+        let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!(info.version, 1);
+        assert_eq!(read_cstr(&mem, info.cmdline_paddr), CMDLINE);
+        assert_eq!(info.rsdp_paddr, layout::RSDP_START);
+        assert_eq!(info.memmap_paddr, layout::PVH_MEMMAP_START);
+        let map = e820_map(128 << 20);
+        assert_eq!(info.memmap_entries as usize, map.len());
+        for (i, expected) in map.iter().enumerate() {
+            let entry: hvm_memmap_table_entry = mem
+                .read_obj(GuestAddress(info.memmap_paddr + i as u64 * 24))
+                .unwrap();
+            assert_eq!(
+                (entry.addr, entry.size, entry.type_),
+                (expected.addr, expected.size, expected.kind as u32)
+            );
+        }
+        assert_eq!(info.nr_modules, 1);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x700_0000, 4096));
+        // hvm_start_info and the zero page are not confused.
+        let zero_page: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        assert_eq!({ zero_page.hdr.header }, 0);
+        assert!(
+            std::mem::size_of::<hvm_start_info>() as u64
+                <= layout::PVH_MEMMAP_START - layout::PVH_INFO_START
+        );
+    }
+
+    #[test]
+    fn pvh_without_initrd_has_no_modules() {
+        let mem = guest_memory(128 << 20);
+        configure(&mem, &elf_kernel(EntryKind::Pvh), None);
+        let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
+    }
+}
