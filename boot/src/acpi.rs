@@ -240,3 +240,233 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
     }
     Ok(GuestAddress(layout::RSDP_START))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{guest_memory, Mem};
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// A table read back from guest memory, its length taken from its header.
+    fn read_table(mem: &Mem, addr: u64) -> Vec<u8> {
+        let mut header = [0u8; 36];
+        mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
+        let mut table = vec![0u8; u32_at(&header, 4) as usize];
+        mem.read_slice(&mut table, GuestAddress(addr)).unwrap();
+        assert!(addr + table.len() as u64 <= layout::ACPI_TABLES_END);
+        assert_eq!(
+            sum(&table),
+            0,
+            "{} checksum",
+            String::from_utf8_lossy(&table[..4])
+        );
+        table
+    }
+
+    struct Tables {
+        xsdt: Vec<u8>,
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+    }
+
+    /// Writes the tables and finds them again the way a guest does: RSDP -> XSDT -> FADT -> DSDT.
+    fn tables(cpus: u8, devices: &[MmioDeviceInfo]) -> Tables {
+        let mem = guest_memory(128 << 20);
+        let rsdp_addr = create_acpi_tables(&mem, cpus, devices).unwrap();
+        assert_eq!(rsdp_addr.0, layout::RSDP_START);
+        let mut rsdp = vec![0u8; Rsdp::len()];
+        mem.read_slice(&mut rsdp, rsdp_addr).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+        let xsdt = read_table(&mem, u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let mut fadt = None;
+        let mut madt = None;
+        for i in 0..(xsdt.len() - 36) / 8 {
+            let table = read_table(&mem, u64_at(&xsdt, 36 + i * 8));
+            match &table[..4] {
+                b"FACP" => fadt = Some(table),
+                b"APIC" => madt = Some(table),
+                other => panic!("unexpected table {other:?}"),
+            }
+        }
+        let fadt = fadt.expect("FADT");
+        let dsdt = read_table(&mem, u64_at(&fadt, 140)); // X_DSDT
+        assert_eq!(&dsdt[..4], b"DSDT");
+        Tables {
+            xsdt,
+            fadt,
+            madt: madt.expect("MADT"),
+            dsdt,
+        }
+    }
+
+    fn slots(n: u32) -> Vec<MmioDeviceInfo> {
+        (0..n)
+            .map(|i| MmioDeviceInfo::virtio_slot(i).unwrap())
+            .collect()
+    }
+
+    fn count(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
+    }
+
+    #[test]
+    fn madt_lists_one_enabled_lapic_per_cpu_and_the_ioapic() {
+        for cpus in [1u8, 2, 4] {
+            let madt = tables(cpus, &[]).madt;
+            assert_eq!(u64::from(u32_at(&madt, 36)), layout::APIC_START);
+            let mut lapics = Vec::new();
+            let mut ioapics = Vec::new();
+            let mut at = 44;
+            while at < madt.len() {
+                let (kind, len) = (madt[at], madt[at + 1] as usize);
+                match kind {
+                    0 => lapics.push((madt[at + 3], u32_at(&madt, at + 4))),
+                    1 => ioapics.push((madt[at + 2], u32_at(&madt, at + 4), u32_at(&madt, at + 8))),
+                    other => panic!("unexpected MADT entry type {other}"),
+                }
+                at += len;
+            }
+            let expected: Vec<(u8, u32)> = (0..cpus).map(|id| (id, 1)).collect();
+            assert_eq!(lapics, expected, "{cpus} cpus");
+            assert_eq!(ioapics, vec![(cpus, layout::IOAPIC_START as u32, 0)]);
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_registers() {
+        let fadt = tables(1, &[]).fadt;
+        assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_eq!(iapc, IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA);
+        // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: GAS at 244 and 256 (space, width, offset,
+        // access size, address).
+        assert_eq!(&fadt[244..248], &[1, 8, 0, 1]);
+        assert_eq!(
+            u64_at(&fadt, 248),
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT)
+        );
+        assert_eq!(&fadt[256..260], &[1, 8, 0, 1]);
+        assert_eq!(
+            u64_at(&fadt, 260),
+            u64::from(layout::ACPI_SLEEP_STATUS_PORT)
+        );
+        assert_eq!(&fadt[10..16], b"EMBER ");
+    }
+
+    #[test]
+    fn dsdt_has_com1_s5_and_one_virtio_device_per_slot() {
+        for n in [
+            0u32,
+            1,
+            3,
+            layout::VIRTIO_IRQ_MAX - layout::VIRTIO_IRQ_BASE + 1,
+        ] {
+            let dsdt = tables(1, &slots(n)).dsdt;
+            assert_eq!(count(&dsdt, b"LNRO0005"), n as usize, "{n} devices");
+            assert_eq!(count(&dsdt, b"_S5_"), 1);
+        }
+    }
+
+    #[test]
+    fn too_many_cpus_is_an_error() {
+        let mem = guest_memory(128 << 20);
+        assert!(matches!(
+            create_acpi_tables(&mem, 0, &[]),
+            Err(AcpiError::CpuCount(0))
+        ));
+        assert!(create_acpi_tables(&mem, MAX_CPUS, &slots(19)).is_ok());
+    }
+
+    /// Disassembles `table` with ACPICA's iasl and returns the listing.
+    fn iasl(name: &str, table: &[u8]) -> String {
+        let dir: PathBuf = std::env::temp_dir().join(format!(
+            "ember-acpi-{}-{name}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dat = dir.join(format!("{name}.dat"));
+        std::fs::write(&dat, table).unwrap();
+        let output = match Command::new("iasl").arg("-d").arg(&dat).output() {
+            Ok(output) => output,
+            Err(e) => panic!(
+                "cannot run iasl ({e}): install ACPICA's tools (`apt-get install acpica-tools`); \
+                 the ACPI tables are checked with its disassembler"
+            ),
+        };
+        let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl")));
+        if std::env::var_os("EMBER_SHOW_ACPI").is_some() {
+            eprintln!("{}", dsl.as_deref().unwrap_or(""));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "iasl -d {name} failed:\n{stdout}\n{stderr}"
+        );
+        dsl.unwrap_or_else(|e| panic!("iasl wrote no {name}.dsl ({e}):\n{stdout}\n{stderr}"))
+    }
+
+    #[test]
+    fn iasl_disassembles_every_table() {
+        let t = tables(2, &slots(2));
+        let dsdt = iasl("dsdt", &t.dsdt);
+        for expected in [
+            "PNP0501",
+            "LNRO0005",
+            "Name (\\_S5, Package (0x04)",
+            "IO (Decode16,",
+            "0x03F8,",
+            "Memory32Fixed (ReadWrite,",
+            "0xD0000000,",
+            "0xD0001000,",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+        ] {
+            assert!(dsdt.contains(expected), "DSDT lacks {expected:?}:\n{dsdt}");
+        }
+        let fadt = iasl("facp", &t.fadt);
+        for expected in [
+            "Hardware Reduced (V5) : 1",
+            "8042 Present on ports 60/64 (V2) : 1",
+            "VGA Not Present (V4) : 1",
+            "Address : 0000000000000600",
+            "Address : 0000000000000601",
+        ] {
+            assert!(fadt.contains(expected), "FADT lacks {expected:?}:\n{fadt}");
+        }
+        let madt = iasl("apic", &t.madt);
+        assert_eq!(
+            madt.matches("Subtable Type : 00 [Processor Local APIC]")
+                .count(),
+            2,
+            "{madt}"
+        );
+        assert!(madt.contains("Subtable Type : 01 [I/O APIC]"), "{madt}");
+        let xsdt = iasl("xsdt", &t.xsdt);
+        assert!(xsdt.contains("ACPI Table Address   0 :"), "{xsdt}");
+        // iasl cannot take a lone RSDP (it has no table header); its checksums are checked in
+        // `tables`.
+    }
+}

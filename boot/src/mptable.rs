@@ -262,3 +262,115 @@ pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, cpus: u8) -> Result<(), Mpt
     mem.write_slice(&bytes, GuestAddress(layout::MPTABLE_START))
         .map_err(MptableError::Write)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::guest_memory;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    /// Reads the table back from guest memory and returns its entries as (type, bytes).
+    fn parse(cpus: u8) -> Vec<(u8, Vec<u8>)> {
+        let mem = guest_memory(128 << 20);
+        setup_mptable(&mem, cpus).unwrap();
+        let mut fp = [0u8; 16];
+        mem.read_slice(&mut fp, GuestAddress(layout::MPTABLE_START))
+            .unwrap();
+        assert_eq!(&fp[..4], b"_MP_");
+        assert_eq!(sum(&fp), 0, "floating pointer checksum");
+        assert_eq!(fp[9], SPEC_REVISION);
+        let table_addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
+
+        let mut header = [0u8; 44];
+        mem.read_slice(&mut header, GuestAddress(table_addr))
+            .unwrap();
+        assert_eq!(&header[..4], b"PCMP");
+        let len = u16::from_le_bytes([header[4], header[5]]) as usize;
+        let count = u16::from_le_bytes([header[34], header[35]]) as usize;
+        let lapic = u32::from_le_bytes(header[36..40].try_into().unwrap());
+        assert_eq!(u64::from(lapic), layout::APIC_START);
+        let mut table = vec![0u8; len];
+        mem.read_slice(&mut table, GuestAddress(table_addr))
+            .unwrap();
+        assert_eq!(sum(&table), 0, "configuration table checksum");
+
+        let mut entries = Vec::new();
+        let mut at = 44;
+        while at < len {
+            let size = if table[at] == ENTRY_PROCESSOR { 20 } else { 8 };
+            entries.push((table[at], table[at..at + size].to_vec()));
+            at += size;
+        }
+        assert_eq!(at, len);
+        assert_eq!(entries.len(), count);
+        entries
+    }
+
+    #[test]
+    fn one_processor_entry_per_cpu_bsp_first() {
+        for cpus in [1u8, 2, 4, MAX_CPUS] {
+            let entries = parse(cpus);
+            let cpus_seen: Vec<&Vec<u8>> = entries
+                .iter()
+                .filter(|(t, _)| *t == ENTRY_PROCESSOR)
+                .map(|(_, e)| e)
+                .collect();
+            assert_eq!(cpus_seen.len(), cpus as usize);
+            for (i, e) in cpus_seen.iter().enumerate() {
+                assert_eq!(e[1] as usize, i, "APIC id");
+                let expected = if i == 0 {
+                    CPU_ENABLED | CPU_BOOTSTRAP
+                } else {
+                    CPU_ENABLED
+                };
+                assert_eq!(e[3], expected);
+            }
+            // Entries are sorted by type, as the spec requires.
+            assert!(entries.windows(2).all(|w| w[0].0 <= w[1].0));
+        }
+    }
+
+    #[test]
+    fn ioapic_follows_the_cpus_and_every_pin_is_wired() {
+        let cpus = 4;
+        let entries = parse(cpus);
+        let ioapic: Vec<_> = entries.iter().filter(|(t, _)| *t == ENTRY_IOAPIC).collect();
+        assert_eq!(ioapic.len(), 1);
+        let e = &ioapic[0].1;
+        assert_eq!(e[1], cpus);
+        assert_eq!(
+            u32::from_le_bytes(e[4..8].try_into().unwrap()) as u64,
+            layout::IOAPIC_START
+        );
+        let pins: Vec<(u8, u8)> = entries
+            .iter()
+            .filter(|(t, _)| *t == ENTRY_IO_INTERRUPT)
+            .map(|(_, e)| (e[5], e[7]))
+            .collect();
+        let expected: Vec<(u8, u8)> = (0..=IOAPIC_MAX_PIN).map(|i| (i, i)).collect();
+        assert_eq!(pins, expected);
+        assert!(u32::from(IOAPIC_MAX_PIN) >= layout::VIRTIO_IRQ_MAX);
+        let locals: Vec<(u8, u8)> = entries
+            .iter()
+            .filter(|(t, _)| *t == ENTRY_LOCAL_INTERRUPT)
+            .map(|(_, e)| (e[1], e[7]))
+            .collect();
+        assert_eq!(locals, vec![(INT_TYPE_EXTINT, 0), (INT_TYPE_NMI, 1)]);
+    }
+
+    #[test]
+    fn impossible_cpu_counts_are_refused() {
+        let mem = guest_memory(128 << 20);
+        assert!(matches!(
+            setup_mptable(&mem, 0),
+            Err(MptableError::CpuCount(0))
+        ));
+        assert!(matches!(
+            setup_mptable(&mem, 255),
+            Err(MptableError::CpuCount(255))
+        ));
+    }
+}
