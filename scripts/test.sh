@@ -18,8 +18,10 @@ cargo test --release --workspace --no-fail-fast -- --test-threads="${EMBER_TEST_
 status=${PIPESTATUS[0]}
 t2=$(date +%s)
 
-passed=$(grep -cE '^test (guests|kernels|blk|hardening|microvm_kernel)::.* \.\.\. ok$' "$log" || true)
-skipped=$(grep -c '^SKIPPED' "$log" || true)
+# Parallel tests interleave their output, so count occurrences rather than whole lines; a failed
+# test fails the run through $status anyway.
+passed=$(grep -oE '^test (guests|kernels|blk|hardening|microvm_kernel)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
+skipped=$(grep -oE 'SKIPPED [a-z0-9_]+:' "$log" | wc -l)
 # A test that skipped (loudly) still ends "ok"; it booted nothing.
 booted=$((passed - skipped))
 echo
