@@ -141,6 +141,15 @@ fn conditional_rules(
                 .map(|&r| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, r)?]))
                 .collect::<Result<_, _>>()?,
         ),
+        // Debug builds of std check a descriptor with F_GETFD before closing it.
+        (
+            libc::SYS_fcntl,
+            vec![SeccompRule::new(vec![cond(
+                1,
+                SeccompCmpOp::Eq,
+                libc::F_GETFD as u64,
+            )?])?],
+        ),
         // Signals only to Ember's own threads (the vCPU kick; abort).
         (
             libc::SYS_tgkill,
