@@ -126,13 +126,19 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            // clap's own report spans several lines; users get its first one.
+            // clap's own report spans several lines; users get its first paragraph on one line
+            // (a missing argument is named on the indented line after the first).
             let text = e.render().to_string();
-            let first = text
+            let first: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = match first.join(" ") {
+                s if s.is_empty() => "invalid arguments".to_string(),
+                s => s.trim_start_matches("error: ").to_string(),
+            };
             eprintln!("ember: error: {first} (see `ember --help`)");
             return ExitCode::from(2);
         }
