@@ -1,26 +1,680 @@
-//! `ember bench`: VM start-up against container start-up on the same root filesystem.
+//! `ember bench`: microVM start-up against container start-up (and QEMU's microvm machine) on
+//! the same machine, the same root filesystem and the same ready line.
+//!
+//! Two modes. `null`: Ember boots the null test guest (prints its ready line, then resets), which
+//! measures the VMM itself. `linux`: Ember and QEMU boot a Linux kernel with the guest kit's
+//! initramfs (ready line from /init, then `reboot -f`). The containers run `/bin/sh -c 'echo
+//! MARKER'` from the same root filesystem in both modes. Every system is warmed up once, then
+//! each round runs every system once, the order rotating from round to round so that machine
+//! drift falls on all of them alike.
 
-use std::path::PathBuf;
+pub mod chart;
+pub mod host;
+pub mod memory;
+pub mod phases;
+pub mod report;
+pub mod stats;
+pub mod systems;
+pub mod trial;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config;
+use host::{Host, KvmKind};
+use systems::{Bundle, Guest, Kind, QemuGuest, Skipped, System};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Number of rounds (each round runs every system once, in alternating order).
-    #[arg(long, default_value = "10")]
-    pub rounds: u32,
-    /// Kernel for the microVM (default: the kit's kernel).
+    /// Rounds; each runs every system once, in rotating order [default: 20 null, 10 linux].
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<u32>,
+    /// What the microVMs boot: null (the null test guest: VMM overhead), linux (a kernel and the
+    /// kit's initramfs), or both. On a kvm_pvm host Linux never reaches userspace, so `both`
+    /// runs null only there and `linux` needs --force.
+    #[arg(long, value_name = "MODE", default_value = "both")]
+    pub guest: String,
+    /// Run the linux mode even on a kvm_pvm host (each boot then runs into --timeout).
+    #[arg(long)]
+    pub force: bool,
+    /// Kernel for the linux mode [default: the microVM kernel from scripts/microvm-kernel.sh
+    /// when built, else the kit's vmlinux].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Root filesystem directory shared by the microVM and the containers (default: the kit's).
+    /// Initramfs for the linux mode; it must print the ready marker and then reboot
+    /// [default: the kit's initramfs-reboot.cpio].
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// The null test guest [default: tests/guests/build/hello.elf near the ember binary or in
+    /// the current directory]. Its sibling echo.elf is used for the memory probe.
+    #[arg(long, value_name = "PATH")]
+    pub null_guest: Option<PathBuf>,
+    /// Root filesystem directory the containers run from (copied once; left untouched)
+    /// [default: the kit's rootfs/].
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
+    /// Systems to run, comma-separated, from ember, crun, runc, podman, docker, qemu
+    /// [default: all; ember always runs].
+    #[arg(long, value_name = "LIST")]
+    pub systems: Option<String>,
+    /// Guest memory for the microVMs.
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
+    pub memory: String,
+    /// Seconds one launch may take before it is killed and counted as failed
+    /// [default: 30 null, 120 linux, 900 linux on kvm_pvm].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Write every figure and sample as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG chart to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("the benchmark is not built yet")]
-    NotBuilt,
+    #[error("{0}")]
+    Input(String),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is missing ({}): {hint}", path.display())]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    #[error("Ember itself does not run the {mode} guest here: {reason}")]
+    EmberFails { mode: &'static str, reason: String },
 }
 
-pub fn run(_args: BenchArgs) -> Result<(), BenchError> {
-    Err(BenchError::NotBuilt)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Null,
+    Linux,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Null => "null",
+            Mode::Linux => "linux",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Mode::Null => "null guest (VMM overhead)",
+            Mode::Linux => "Linux guest (kernel + initramfs to userspace)",
+        }
+    }
+}
+
+/// Everything measured for one system in one mode.
+#[derive(Debug, Clone)]
+pub struct SystemResult {
+    pub kind: Kind,
+    pub command: String,
+    pub note: Option<String>,
+    pub ready_ms: Vec<f64>,
+    pub exit_ms: Vec<f64>,
+    pub rss_kib: Vec<f64>,
+    /// Ember only: its timeline per good run (same order as the samples).
+    pub timelines: Vec<phases::Timeline>,
+    pub failures: Vec<String>,
+}
+
+/// One mode's results.
+#[derive(Debug, Clone)]
+pub struct ModeResult {
+    pub mode: Mode,
+    pub guest: String,
+    pub marker: String,
+    pub rounds: u32,
+    pub systems: Vec<SystemResult>,
+    pub skipped: Vec<Skipped>,
+    /// Own-memory probes (Ember, and QEMU in linux mode), or why there is none.
+    pub memory: Vec<(Kind, Result<memory::VmmMemory, String>)>,
+}
+
+/// The whole benchmark: what `--json` writes and the chart draws.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub host: Host,
+    pub command: String,
+    pub modes: Vec<ModeResult>,
+    /// Modes not run, with the reason.
+    pub notes: Vec<String>,
+}
+
+/// The paths the benchmark reads, resolved once.
+struct Inputs {
+    ember: PathBuf,
+    kit: PathBuf,
+    rootfs: PathBuf,
+}
+
+pub fn run(args: BenchArgs) -> Result<(), BenchError> {
+    let host = Host::detect();
+    let command = command_line();
+    if host.kvm == KvmKind::None {
+        return Err(BenchError::Input(
+            "/dev/kvm is missing: the microVMs need KVM".into(),
+        ));
+    }
+    let guest_bytes = config::parse_memory(&args.memory)
+        .map_err(|e| BenchError::Input(format!("--memory: {e}")))?;
+    let wanted = wanted_systems(args.systems.as_deref())?;
+    let (modes, mut notes) = modes(&args, host.kvm)?;
+    let ember = std::env::current_exe().map_err(|e| BenchError::Io {
+        what: "locate",
+        path: "the ember binary".into(),
+        source: e,
+    })?;
+    let kit = kit_dir();
+    let inputs = Inputs {
+        rootfs: args.rootfs.clone().unwrap_or_else(|| kit.join("rootfs")),
+        ember,
+        kit,
+    };
+    if !inputs.rootfs.is_dir() {
+        return Err(BenchError::Missing {
+            what: "the containers' root filesystem",
+            path: inputs.rootfs.clone(),
+            hint: "build the guest kit with scripts/kit.sh, or pass --rootfs DIR",
+        });
+    }
+
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ember bench: {}", host.date);
+    let _ = writeln!(out, "host: {}", host.describe());
+    let _ = writeln!(out, "command: {command}");
+    for n in &notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+
+    let mut results = Vec::new();
+    for mode in modes {
+        let guest = guest_for(mode, &args, &inputs, host.kvm)?;
+        let r = run_mode(mode, &guest, &args, &inputs, &wanted, host.kvm, guest_bytes)?;
+        let _ = write!(out, "\n{}", report::text(&r));
+        results.push(r);
+    }
+    if results.is_empty() {
+        notes.push("no mode ran".into());
+    }
+    let report = Report {
+        host,
+        command,
+        modes: results,
+        notes,
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, report::json(&report)).map_err(|e| BenchError::Io {
+            what: "write",
+            path: path.clone(),
+            source: e,
+        })?;
+        let _ = writeln!(out, "\njson: {}", path.display());
+    }
+    if let Some(path) = &args.chart {
+        std::fs::write(path, chart::svg(&report)).map_err(|e| BenchError::Io {
+            what: "write",
+            path: path.clone(),
+            source: e,
+        })?;
+        let _ = writeln!(out, "chart: {}", path.display());
+    }
+    Ok(())
+}
+
+fn wanted_systems(list: Option<&str>) -> Result<Vec<Kind>, BenchError> {
+    let Some(list) = list else {
+        return Ok(Kind::ALL.to_vec());
+    };
+    let mut v = vec![Kind::Ember];
+    for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let k = Kind::parse(word).ok_or_else(|| {
+            BenchError::Input(format!(
+                "--systems: unknown system `{word}` (ember, crun, runc, podman, docker, qemu)"
+            ))
+        })?;
+        if !v.contains(&k) {
+            v.push(k);
+        }
+    }
+    Ok(v)
+}
+
+/// The modes to run, and notes about the ones left out.
+fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), BenchError> {
+    let pvm_note = "kvm_pvm host: Linux guests never reach userspace here (guest code runs \
+                    ~1000x slower and stops on XRSTOR), so the linux mode was not run; the null \
+                    guest measures the VMM itself";
+    match args.guest.as_str() {
+        "null" => Ok((vec![Mode::Null], vec![])),
+        "linux" if kvm == KvmKind::Pvm && !args.force => Err(BenchError::Input(format!(
+            "{pvm_note}. Use --guest null, or --force to try anyway"
+        ))),
+        "linux" => Ok((vec![Mode::Linux], vec![])),
+        "both" if kvm == KvmKind::Pvm && !args.force => {
+            Ok((vec![Mode::Null], vec![pvm_note.to_string()]))
+        }
+        "both" => Ok((vec![Mode::Null, Mode::Linux], vec![])),
+        other => Err(BenchError::Input(format!(
+            "--guest: `{other}` is not null, linux or both"
+        ))),
+    }
+}
+
+fn kit_dir() -> PathBuf {
+    cache_dir("EMBER_KIT", "kit")
+}
+
+fn cache_dir(var: &str, name: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os(var) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/ember").join(name)
+}
+
+fn require(path: PathBuf, what: &'static str, hint: &'static str) -> Result<PathBuf, BenchError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BenchError::Missing { what, path, hint })
+    }
+}
+
+/// tests/guests/build/NAME near the binary (target/<profile>/ember sits two levels below the
+/// repository) or under the current directory.
+fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
+    let rel = Path::new("tests/guests/build").join(name);
+    ember
+        .ancestors()
+        .skip(1)
+        .map(|d| d.join(&rel))
+        .chain(std::iter::once(rel.clone()))
+        .find(|p| p.is_file())
+        .unwrap_or(rel)
+}
+
+fn guest_for(
+    mode: Mode,
+    args: &BenchArgs,
+    inputs: &Inputs,
+    kvm: KvmKind,
+) -> Result<Guest, BenchError> {
+    match mode {
+        Mode::Null => {
+            let kernel = match &args.null_guest {
+                Some(p) => require(p.clone(), "the null guest", "pass an existing --null-guest")?,
+                None => require(
+                    find_test_guest(&inputs.ember, "hello.elf"),
+                    "the null test guest",
+                    "build it with `make -C tests/guests`, or pass --null-guest",
+                )?,
+            };
+            // The null guest has a 64-bit ELF entry only; QEMU's microvm boots an ELF through
+            // its PVH note. A PVH build of the same program next to it is used when present.
+            let pvh = kernel.with_file_name("hello-pvh.elf");
+            let qemu = if pvh.is_file() {
+                Ok(QemuGuest {
+                    kernel: pvh,
+                    cmdline: "exit=triple".into(),
+                })
+            } else {
+                Err(format!(
+                    "QEMU's microvm boots an ELF only through a PVH note, and {} has none \
+                     (no hello-pvh.elf next to it)",
+                    kernel.display()
+                ))
+            };
+            Ok(Guest {
+                kernel,
+                initramfs: None,
+                cmdline: None,
+                qemu,
+                marker: "ember-guest: ready".into(),
+                memory: args.memory.clone(),
+            })
+        }
+        Mode::Linux => {
+            let kernel = match &args.kernel {
+                Some(k) => require(k.clone(), "the kernel", "pass an existing --kernel")?,
+                None => {
+                    let microvm =
+                        cache_dir("EMBER_MICROVM_KERNEL", "microvm-kernel").join("vmlinux");
+                    if microvm.is_file() {
+                        microvm
+                    } else {
+                        require(
+                            inputs.kit.join("vmlinux"),
+                            "the kit's vmlinux",
+                            "build the guest kit with scripts/kit.sh (or the microVM kernel with scripts/microvm-kernel.sh)",
+                        )?
+                    }
+                }
+            };
+            let initramfs = match &args.initramfs {
+                Some(i) => require(i.clone(), "the initramfs", "pass an existing --initramfs")?,
+                None => require(
+                    inputs.kit.join("initramfs-reboot.cpio"),
+                    "the kit's initramfs-reboot.cpio",
+                    "build the guest kit with scripts/kit.sh",
+                )?,
+            };
+            let _ = kvm;
+            // `quiet`: the console's speed is not what is compared. Each VMM gets the reset it
+            // implements: Ember's i8042, a triple fault for QEMU's microvm (no i8042 there).
+            Ok(Guest {
+                kernel: kernel.clone(),
+                initramfs: Some(initramfs),
+                cmdline: Some("console=ttyS0 reboot=k panic=1 pci=off quiet".into()),
+                qemu: Ok(QemuGuest {
+                    kernel,
+                    cmdline: "console=ttyS0 reboot=t panic=1 pci=off quiet".into(),
+                }),
+                marker: "ember-kit: ready".into(),
+                memory: args.memory.clone(),
+            })
+        }
+    }
+}
+
+fn run_mode(
+    mode: Mode,
+    guest: &Guest,
+    args: &BenchArgs,
+    inputs: &Inputs,
+    wanted: &[Kind],
+    kvm: KvmKind,
+    guest_bytes: u64,
+) -> Result<ModeResult, BenchError> {
+    let rounds = args.rounds.unwrap_or(match mode {
+        Mode::Null => 20,
+        Mode::Linux => 10,
+    });
+    if rounds == 0 || rounds > 10_000 {
+        return Err(BenchError::Input(format!(
+            "--rounds: {rounds} is not between 1 and 10000"
+        )));
+    }
+    let timeout = Duration::from_secs(args.timeout.unwrap_or(match (mode, kvm) {
+        (Mode::Null, _) => 30,
+        (Mode::Linux, KvmKind::Pvm) => 900,
+        (Mode::Linux, _) => 120,
+    }));
+    let mut progress = Progress::new(!args.quiet);
+    let mut bundle = Bundle::create(&inputs.rootfs, &guest.marker)?;
+
+    // Detect and warm up every system.
+    let mut systems: Vec<System> = Vec::new();
+    let mut skipped = Vec::new();
+    for &kind in wanted {
+        progress.say(&format!("{}: warming up {}", mode.name(), kind.name()));
+        let found = systems::candidate(kind, &inputs.ember, guest, Some(&mut bundle))
+            .and_then(|s| systems::warm_up(s, &guest.marker, timeout));
+        match found {
+            Ok(s) => systems.push(s),
+            Err(reason) if kind == Kind::Ember => {
+                progress.done();
+                return Err(BenchError::EmberFails {
+                    mode: mode.name(),
+                    reason,
+                });
+            }
+            Err(reason) => skipped.push(Skipped { kind, reason }),
+        }
+    }
+
+    let mut results: Vec<SystemResult> = systems
+        .iter()
+        .map(|s| SystemResult {
+            kind: s.kind,
+            command: s.command_line(),
+            note: s.note.clone(),
+            ready_ms: vec![],
+            exit_ms: vec![],
+            rss_kib: vec![],
+            timelines: vec![],
+            failures: vec![],
+        })
+        .collect();
+    let total = rounds as usize * systems.len();
+    let mut done = 0;
+    for round in 0..rounds as usize {
+        for k in 0..systems.len() {
+            let i = (k + round) % systems.len();
+            let sys = &systems[i];
+            progress.bar(
+                done,
+                total,
+                &format!("round {}/{rounds}: {}", round + 1, sys.name()),
+            );
+            let id = format!("{}-{round}-{i}", std::process::id());
+            let res = &mut results[i];
+            match trial::run(&sys.spec(&id, &guest.marker, timeout)) {
+                Ok(t) if t.ok() => {
+                    let timeline = phases::parse(&t.stderr);
+                    if sys.kind == Kind::Ember && timeline.is_none() {
+                        res.failures.push("no --timings=json line on stderr".into());
+                    } else {
+                        res.ready_ms.push(ms(t.ready.unwrap_or_default()));
+                        res.exit_ms.push(ms(t.exit));
+                        res.rss_kib.push(t.max_rss_kib as f64);
+                        if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
+                            res.timelines.push(tl);
+                        }
+                    }
+                }
+                Ok(t) => {
+                    sys.cleanup(&id);
+                    res.failures.push(t.failure());
+                }
+                Err(e) => {
+                    sys.cleanup(&id);
+                    res.failures.push(e.to_string());
+                }
+            }
+            done += 1;
+        }
+    }
+
+    // Own memory of the VMMs, from an interactive guest (see memory.rs).
+    let mut mem = Vec::new();
+    for sys in &systems {
+        if !sys.kind.is_vm() {
+            continue;
+        }
+        progress.say(&format!("{}: memory probe {}", mode.name(), sys.name()));
+        mem.push((
+            sys.kind,
+            memory_probe(mode, sys, guest, inputs, timeout, guest_bytes),
+        ));
+    }
+    progress.done();
+    drop(bundle);
+
+    Ok(ModeResult {
+        mode,
+        guest: describe_guest(mode, guest),
+        marker: guest.marker.clone(),
+        rounds,
+        systems: results,
+        skipped,
+        memory: mem,
+    })
+}
+
+fn describe_guest(mode: Mode, g: &Guest) -> String {
+    match mode {
+        Mode::Null => format!("{} (no initramfs)", g.kernel.display()),
+        Mode::Linux => format!(
+            "{} + {}",
+            g.kernel.display(),
+            g.initramfs
+                .as_ref()
+                .map_or("-".into(), |i| i.display().to_string())
+        ),
+    }
+}
+
+/// Probes a VMM's own memory with an interactive guest that waits on its console: the echo test
+/// guest (null mode) or the kit's shell initramfs (linux mode).
+fn memory_probe(
+    mode: Mode,
+    sys: &System,
+    guest: &Guest,
+    inputs: &Inputs,
+    timeout: Duration,
+    guest_bytes: u64,
+) -> Result<memory::VmmMemory, String> {
+    let (probe_guest, marker, quit) = match mode {
+        Mode::Null => {
+            let echo = guest.kernel.with_file_name("echo.elf");
+            if !echo.is_file() {
+                return Err(format!(
+                    "{} is missing (make -C tests/guests)",
+                    echo.display()
+                ));
+            }
+            let mut g = guest.clone();
+            g.kernel = echo;
+            g.marker = "echo: ready".into();
+            (g, "echo: ready", &b"quit\n"[..])
+        }
+        Mode::Linux => {
+            let shell = inputs.kit.join("initramfs.cpio");
+            if !shell.is_file() {
+                return Err(format!("{} is missing (scripts/kit.sh)", shell.display()));
+            }
+            let mut g = guest.clone();
+            g.initramfs = Some(shell);
+            g.marker = "ember-kit: ready".into();
+            (g, "ember-kit: ready", &b"reboot -f\n"[..])
+        }
+    };
+    if sys.kind == Kind::Qemu && mode == Mode::Null {
+        return Err("QEMU does not run the null guest here".into());
+    }
+    let s = systems::candidate(sys.kind, &inputs.ember, &probe_guest, None)?;
+    let spec = s.spec("probe", marker, timeout);
+    memory::probe(&spec, guest_bytes, quit, 3)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The command line this benchmark was started with, quoted for a shell, `ember` first.
+fn command_line() -> String {
+    let mut words: Vec<String> = std::env::args().collect();
+    if let Some(first) = words.first_mut() {
+        *first = "ember".into();
+    }
+    words
+        .iter()
+        .map(|w| systems::shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One progress line on stderr, rewritten in place with `\r`.
+struct Progress {
+    on: bool,
+    width: usize,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress { on, width: 0 }
+    }
+
+    fn say(&mut self, text: &str) {
+        if !self.on {
+            return;
+        }
+        let pad = self.width.saturating_sub(text.chars().count());
+        eprint!("\r{text}{}", " ".repeat(pad));
+        self.width = text.chars().count();
+        let _ = std::io::stderr().flush();
+    }
+
+    fn bar(&mut self, done: usize, total: usize, what: &str) {
+        const W: usize = 24;
+        let filled = (done * W).checked_div(total).unwrap_or(0);
+        let text = format!(
+            "[{}{}] {done}/{total} {what}",
+            "#".repeat(filled),
+            "-".repeat(W - filled)
+        );
+        self.say(&text);
+    }
+
+    fn done(&mut self) {
+        if self.on && self.width > 0 {
+            eprint!("\r{}\r", " ".repeat(self.width));
+            let _ = std::io::stderr().flush();
+            self.width = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(guest: &str, force: bool) -> BenchArgs {
+        BenchArgs {
+            rounds: None,
+            guest: guest.into(),
+            force,
+            kernel: None,
+            initramfs: None,
+            null_guest: None,
+            rootfs: None,
+            systems: None,
+            memory: "128M".into(),
+            timeout: None,
+            json: None,
+            chart: None,
+            quiet: true,
+        }
+    }
+
+    #[test]
+    fn pvm_hosts_run_the_null_mode_only_unless_forced() {
+        let (m, notes) = modes(&args("both", false), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Null]);
+        assert!(notes[0].contains("kvm_pvm"));
+        let e = modes(&args("linux", false), KvmKind::Pvm).unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        let (m, _) = modes(&args("linux", true), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Linux]);
+        let (m, notes) = modes(&args("both", false), KvmKind::Hardware).unwrap();
+        assert_eq!(m, vec![Mode::Null, Mode::Linux]);
+        assert!(notes.is_empty());
+        assert!(modes(&args("xen", false), KvmKind::Hardware).is_err());
+    }
+
+    #[test]
+    fn systems_list() {
+        assert_eq!(
+            wanted_systems(Some("runc, qemu,runc")).unwrap(),
+            vec![Kind::Ember, Kind::Runc, Kind::Qemu]
+        );
+        assert_eq!(wanted_systems(None).unwrap(), Kind::ALL.to_vec());
+        assert!(wanted_systems(Some("lxc")).is_err());
+    }
 }

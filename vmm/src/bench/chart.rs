@@ -1,0 +1,339 @@
+//! `--chart FILE`: the figures as a standalone SVG (hand-written; any browser opens it).
+//!
+//! Per mode: one bar per system to its median launch-to-ready time, continued in a lighter
+//! shade to the median launch-to-exit time; Ember's ready part is stacked by boot phase (from
+//! the run with the median ready time, scaled to the median). Below, Ember's phases once more on
+//! their own scale, with their values, since next to a container runtime they are thin.
+
+use std::fmt::Write as _;
+
+use super::report::mib;
+use super::systems::Kind;
+use super::{ModeResult, Report};
+
+const W: f64 = 960.0;
+const LABEL_W: f64 = 96.0;
+const VALUE_W: f64 = 300.0;
+const BAR_H: f64 = 20.0;
+const ROW_H: f64 = 32.0;
+const PHASE_COLORS: [&str; 8] = [
+    "#8d99ae", "#e76f51", "#f4a261", "#e9c46a", "#2a9d8f", "#264653", "#d62828", "#bcb8b1",
+];
+
+fn system_color(k: Kind) -> &'static str {
+    match k {
+        Kind::Ember => "#e8590c",
+        Kind::Qemu => "#7048e8",
+        Kind::Podman => "#1971c2",
+        Kind::Docker => "#1c7ed6",
+        Kind::Runc => "#2f9e44",
+        Kind::Crun => "#0c8599",
+    }
+}
+
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A round axis step for values up to `max`: 1, 2 or 5 times a power of ten, ~5 ticks.
+pub fn tick_step(max: f64) -> f64 {
+    if max <= 0.0 || !max.is_finite() {
+        return 1.0;
+    }
+    let raw = max / 5.0;
+    let p = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * p)
+}
+
+fn fmt_ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Splits `text` into lines of at most `max` characters at spaces (a longer word stays whole).
+pub fn wrap(text: &str, max: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for word in text.split(' ') {
+        if !cur.is_empty() && cur.chars().count() + 1 + word.chars().count() > max {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
+/// Writes `text` wrapped, one <text> per line, from baseline `y`; returns the last baseline.
+fn lines(o: &mut String, x: f64, mut y: f64, size: u32, fill: &str, text: &str) -> f64 {
+    // ~0.55 em per character in Helvetica at these sizes.
+    let max = ((W - x - 16.0) / (f64::from(size) * 0.55)) as usize;
+    for (i, l) in wrap(text, max.max(20)).iter().enumerate() {
+        if i > 0 {
+            y += f64::from(size) + 3.0;
+        }
+        let _ = writeln!(
+            o,
+            r##"<text x="{x}" y="{y}" font-size="{size}" fill="{fill}">{}</text>"##,
+            esc(l)
+        );
+    }
+    y
+}
+
+pub fn svg(r: &Report) -> String {
+    let mut body = String::new();
+    let mut y = 36.0;
+    let _ = writeln!(
+        body,
+        r##"<text x="16" y="{y}" font-size="18" font-weight="bold">Ember start-up benchmark</text>"##
+    );
+    y += 20.0;
+    y = lines(
+        &mut body,
+        16.0,
+        y,
+        12,
+        "#444",
+        &format!("{} · {}", r.host.date, r.host.describe()),
+    );
+    y += 2.0;
+    for n in &r.notes {
+        y = lines(&mut body, 16.0, y + 16.0, 11, "#a61e4d", n);
+    }
+    for m in &r.modes {
+        y = mode_panel(&mut body, m, y + 28.0);
+    }
+    y += 24.0;
+    y = lines(&mut body, 16.0, y, 11, "#666", &r.command);
+    let h = y + 16.0;
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" viewBox=\"0 0 {W} {h}\" font-family=\"Helvetica, Arial, sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
+}
+
+/// Draws one mode from `y`; returns the y below it.
+fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
+    let _ = writeln!(
+        o,
+        r##"<text x="16" y="{y}" font-size="15" font-weight="bold">{} — median of {} rounds</text>"##,
+        esc(m.mode.title()),
+        m.rounds
+    );
+    y += 18.0;
+    let _ = writeln!(
+        o,
+        r##"<text x="16" y="{y}" font-size="11" fill="#444">launch → ready line `{}` (solid), → exit (light); peak RSS of the launched process</text>"##,
+        esc(&m.marker)
+    );
+    y += 14.0;
+    let x0 = LABEL_W;
+    let span = W - LABEL_W - VALUE_W - 16.0;
+    let max = m
+        .systems
+        .iter()
+        .filter_map(|s| s.exit().map(|e| e.median))
+        .fold(0.0, f64::max);
+    let step = tick_step(max);
+    let top = (max / step).ceil().max(1.0) * step;
+    let scale = span / top;
+    let rows = m.systems.len() as f64;
+    // Grid and axis labels.
+    let grid_bottom = y + 8.0 + rows * ROW_H;
+    let mut t = 0.0;
+    while t <= top + step / 2.0 {
+        let x = x0 + t * scale;
+        let _ = writeln!(
+            o,
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{grid_bottom:.1}" stroke="#e9ecef"/><text x="{x:.1}" y="{:.1}" font-size="10" fill="#666" text-anchor="middle">{} ms</text>"##,
+            y + 4.0,
+            grid_bottom + 12.0,
+            fmt_ms(t)
+        );
+        t += step;
+    }
+    y += 8.0;
+    for s in &m.systems {
+        let (Some(ready), Some(exit)) = (s.ready(), s.exit()) else {
+            continue;
+        };
+        let by = y + (ROW_H - BAR_H) / 2.0;
+        let color = system_color(s.kind);
+        let _ = writeln!(
+            o,
+            r##"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="end" font-weight="{}">{}</text>"##,
+            x0 - 8.0,
+            by + 15.0,
+            if s.kind == Kind::Ember {
+                "bold"
+            } else {
+                "normal"
+            },
+            s.kind.name()
+        );
+        let wr = ready.median * scale;
+        let we = (exit.median * scale).max(wr);
+        let _ = writeln!(
+            o,
+            r##"<rect x="{x0:.1}" y="{by:.1}" width="{we:.1}" height="{BAR_H}" fill="{color}" fill-opacity="0.3"/>"##
+        );
+        match s.median_segments().filter(|_| s.kind == Kind::Ember) {
+            Some(seg) => {
+                let run_ready: f64 = seg[..seg.len() - 1].iter().map(|(_, v)| v).sum();
+                let k = if run_ready > 0.0 {
+                    ready.median / run_ready
+                } else {
+                    1.0
+                };
+                let mut x = x0;
+                for (i, (name, v)) in seg[..seg.len() - 1].iter().enumerate() {
+                    let w = v * k * scale;
+                    let _ = writeln!(
+                        o,
+                        r##"<rect x="{x:.2}" y="{by:.1}" width="{w:.2}" height="{BAR_H}" fill="{}"><title>{} {:.2} ms</title></rect>"##,
+                        PHASE_COLORS[i % PHASE_COLORS.len()],
+                        esc(name),
+                        v
+                    );
+                    x += w;
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    r##"<rect x="{x0:.1}" y="{by:.1}" width="{wr:.1}" height="{BAR_H}" fill="{color}"/>"##
+                );
+            }
+        }
+        let rss = s
+            .rss()
+            .map_or(String::new(), |r| format!(" · {:.1} MiB", mib(r.median)));
+        let _ = writeln!(
+            o,
+            r##"<text x="{:.1}" y="{:.1}" font-size="12">ready {} ms · exit {} ms{rss}</text>"##,
+            W - VALUE_W,
+            by + 15.0,
+            fmt_ms(ready.median),
+            fmt_ms(exit.median)
+        );
+        y += ROW_H;
+    }
+    y = grid_bottom + 20.0;
+    for sk in &m.skipped {
+        y = lines(
+            o,
+            x0,
+            y + 14.0,
+            11,
+            "#666",
+            &format!("{} not run: {}", sk.kind.name(), sk.reason),
+        );
+    }
+    // Ember's phases on their own scale.
+    if let Some(seg) = m.ember().and_then(|e| e.median_segments()) {
+        y += 30.0;
+        let total: f64 = seg.iter().map(|(_, v)| v).sum();
+        let _ = writeln!(
+            o,
+            r##"<text x="16" y="{y}" font-size="13" font-weight="bold">Ember, phase by phase (the run with the median ready time: {} ms to exit)</text>"##,
+            fmt_ms(total)
+        );
+        y += 10.0;
+        let span = W - 32.0;
+        let mut x = 16.0;
+        for (i, (name, v)) in seg.iter().enumerate() {
+            let w = if total > 0.0 { v / total * span } else { 0.0 };
+            let last = i == seg.len() - 1;
+            let color = if last {
+                "#dee2e6"
+            } else {
+                PHASE_COLORS[i % PHASE_COLORS.len()]
+            };
+            let _ = writeln!(
+                o,
+                r##"<rect x="{x:.2}" y="{y:.1}" width="{w:.2}" height="{BAR_H}" fill="{color}"><title>{} {:.2} ms</title></rect>"##,
+                esc(name),
+                v
+            );
+            x += w;
+        }
+        y += BAR_H + 8.0;
+        // Legend: two columns.
+        for (i, (name, v)) in seg.iter().enumerate() {
+            let col = (i % 2) as f64;
+            let lx = 16.0 + col * 460.0;
+            let ly = y + (i / 2) as f64 * 16.0 + 10.0;
+            let last = i == seg.len() - 1;
+            let color = if last {
+                "#dee2e6"
+            } else {
+                PHASE_COLORS[i % PHASE_COLORS.len()]
+            };
+            let _ = writeln!(
+                o,
+                r##"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{color}"/><text x="{:.1}" y="{ly:.1}" font-size="11">{} — {} ms</text>"##,
+                ly - 9.0,
+                lx + 14.0,
+                esc(name),
+                fmt_ms(*v)
+            );
+        }
+        y += seg.len().div_ceil(2) as f64 * 16.0 + 4.0;
+    }
+    for (k, mem) in &m.memory {
+        if let Ok(mem) = mem {
+            y += 16.0;
+            let _ = writeln!(
+                o,
+                r##"<text x="16" y="{y}" font-size="12">{} own memory: {:.2} MiB (peak RSS {:.2} MiB − guest RAM resident {:.2} MiB)</text>"##,
+                k.name(),
+                mib(mem.own as f64),
+                mib(mem.peak_rss as f64),
+                mib(mem.guest_rss as f64)
+            );
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round() {
+        assert_eq!(tick_step(10.0), 2.0);
+        assert_eq!(tick_step(42.0), 10.0);
+        assert_eq!(tick_step(400.0), 100.0);
+        assert_eq!(tick_step(0.0), 1.0);
+    }
+
+    #[test]
+    fn wrapping_keeps_words_and_limits() {
+        assert_eq!(wrap("aa bb cc", 5), vec!["aa bb", "cc"]);
+        assert_eq!(wrap("averylongword x", 4), vec!["averylongword", "x"]);
+        assert!(wrap("", 10).is_empty());
+    }
+
+    #[test]
+    fn text_is_escaped() {
+        assert_eq!(esc("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
+    }
+}

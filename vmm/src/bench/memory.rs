@@ -1,0 +1,187 @@
+//! A VMM's own memory: its peak RSS minus the part of guest RAM the guest touched.
+//!
+//! A VMM's RSS includes every guest page that was touched (loaded kernel, page tables, boot
+//! tables, the guest's own writes), which says nothing about the VMM. So the probe boots an
+//! interactive guest, and once it is ready (the VMM stopped doing start-up work) reads
+//! /proc/PID/smaps: the resident size of the guest RAM mapping (the largest anonymous mapping at
+//! least as large as the guest memory) and the process's RssAnon / RssFile. Then the guest is
+//! told to quit and the peak RSS (ru_maxrss) is read when it is reaped.
+//! own = peak RSS - guest RAM resident. File-backed pages (the binary, libc) count as Ember's:
+//! that is what a second VM would not share with anything but other Embers.
+
+use super::trial::{self, Spec};
+
+/// Probe results, KiB.
+#[derive(Debug, Clone, Default)]
+pub struct VmmMemory {
+    pub peak_rss: u64,
+    pub guest_rss: u64,
+    pub own: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    /// The mapping found as guest RAM, for the report (size in KiB).
+    pub guest_mapping_kib: u64,
+    pub runs: usize,
+}
+
+/// One snapshot of /proc/PID.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub guest_rss: u64,
+    pub guest_mapping_kib: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+}
+
+/// Runs `spec` `runs` times (each writing `quit` to the guest console once ready) and keeps the
+/// run with the median own memory.
+pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<VmmMemory, String> {
+    let mut results = Vec::new();
+    for _ in 0..runs.max(1) {
+        let mut snap: Option<Result<Snapshot, String>> = None;
+        let mut hook = |pid: u32| {
+            snap = Some(snapshot(pid, guest_bytes));
+            quit.to_vec()
+        };
+        let t = trial::run_with_hook(spec, Some(&mut hook)).map_err(|e| e.to_string())?;
+        if !t.ok() {
+            return Err(t.failure());
+        }
+        let s = snap.ok_or("the ready line came only after the VMM exited")??;
+        results.push(VmmMemory {
+            peak_rss: t.max_rss_kib,
+            guest_rss: s.guest_rss,
+            own: t.max_rss_kib.saturating_sub(s.guest_rss),
+            rss_anon: s.rss_anon,
+            rss_file: s.rss_file,
+            guest_mapping_kib: s.guest_mapping_kib,
+            runs: 0,
+        });
+    }
+    let owns: Vec<f64> = results.iter().map(|r| r.own as f64).collect();
+    let i = super::stats::median_index(&owns).unwrap_or(0);
+    let n = results.len();
+    let mut m = results.swap_remove(i);
+    m.runs = n;
+    Ok(m)
+}
+
+fn snapshot(pid: u32, guest_bytes: u64) -> Result<Snapshot, String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let (guest_mapping_kib, guest_rss) = guest_mapping(&smaps, guest_bytes)
+        .ok_or_else(|| format!("no anonymous mapping of {} KiB or more", guest_bytes / 1024))?;
+    Ok(Snapshot {
+        guest_rss,
+        guest_mapping_kib,
+        rss_anon: status_kib(&status, "RssAnon:").unwrap_or(0),
+        rss_file: status_kib(&status, "RssFile:").unwrap_or(0),
+    })
+}
+
+/// (size KiB, Rss KiB) of the largest anonymous mapping of at least `min_bytes` in an smaps
+/// text. Anonymous: no path, or a bracketed pseudo-name other than the stack or heap.
+pub fn guest_mapping(smaps: &str, min_bytes: u64) -> Option<(u64, u64)> {
+    let mut best: Option<(u64, u64)> = None;
+    let mut current: Option<u64> = None;
+    for line in smaps.lines() {
+        if let Some(size) = mapping_header(line) {
+            current = size;
+            continue;
+        }
+        if let (Some(size), Some(rss)) = (current, line.strip_prefix("Rss:")) {
+            let rss = rss.split_whitespace().next()?.parse::<u64>().ok()?;
+            if size >= min_bytes && best.is_none_or(|(s, _)| size > s * 1024) {
+                best = Some((size / 1024, rss));
+            }
+            current = None;
+        }
+    }
+    best
+}
+
+/// For an smaps mapping header: Some(Some(size)) for an anonymous mapping, Some(None) for a
+/// file or special one; None when the line is not a header.
+fn mapping_header(line: &str) -> Option<Option<u64>> {
+    let mut f = line.split_whitespace();
+    let range = f.next()?;
+    let (a, b) = range.split_once('-')?;
+    let a = u64::from_str_radix(a, 16).ok()?;
+    let b = u64::from_str_radix(b, 16).ok()?;
+    // perms, offset, dev, inode must follow for a header.
+    let perms = f.next()?;
+    if perms.len() != 4 {
+        return None;
+    }
+    let _offset = f.next()?;
+    let _dev = f.next()?;
+    let inode = f.next()?;
+    let path = f.collect::<Vec<_>>().join(" ");
+    let anon = inode == "0"
+        && (path.is_empty()
+            || (path.starts_with('[') && path != "[stack]" && path != "[heap]")
+            || path.starts_with("/memfd:"));
+    Some(anon.then_some(b.saturating_sub(a)))
+}
+
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 fe:01 1234   /usr/bin/ember
+Size:               1024 kB
+Rss:                 900 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+Rss:                  60 kB
+7f1000000000-7f1000200000 rw-p 00000000 00:00 0 
+Size:               2048 kB
+Rss:                 500 kB
+7ffd00000000-7ffd10000000 rw-p 00000000 00:00 0      [stack]
+Size:             262144 kB
+Rss:                  12 kB
+";
+
+    #[test]
+    fn finds_the_guest_ram_mapping() {
+        assert_eq!(guest_mapping(SMAPS, 128 << 20), Some((131072, 60)));
+        // A smaller threshold still picks the largest anonymous one, never the stack.
+        assert_eq!(guest_mapping(SMAPS, 1 << 20), Some((131072, 60)));
+        assert_eq!(guest_mapping(SMAPS, 256 << 20), None);
+    }
+
+    #[test]
+    fn reads_status_fields() {
+        let s = "Name:\tember\nRssAnon:\t    1200 kB\nRssFile:\t    1500 kB\n";
+        assert_eq!(status_kib(s, "RssAnon:"), Some(1200));
+        assert_eq!(status_kib(s, "RssFile:"), Some(1500));
+        assert_eq!(status_kib(s, "RssShmem:"), None);
+    }
+
+    #[test]
+    fn probes_a_live_process() {
+        // A shell that maps nothing big: no guest mapping, and the probe says so.
+        let spec = Spec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo 'x: ready'; read q".into()],
+            marker: "x: ready".into(),
+            timeout: Duration::from_secs(10),
+        };
+        let e = probe(&spec, 1 << 40, b"quit\n", 1).unwrap_err();
+        assert!(e.contains("no anonymous mapping"), "{e}");
+    }
+}

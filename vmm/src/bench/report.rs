@@ -1,0 +1,394 @@
+//! The benchmark's figures as text (stdout) and JSON (`--json`).
+
+use std::fmt::Write as _;
+
+use super::phases::{self, Timeline, PHASES};
+use super::stats::{median_index, Summary};
+use super::systems::{json_string, Kind};
+use super::{Mode, ModeResult, Report, SystemResult};
+
+/// The issue's targets for the null guest (medians; own memory from the probe).
+pub const TARGET_READY_MS: f64 = 5.0;
+pub const TARGET_EXIT_MS: f64 = 7.0;
+pub const TARGET_OWN_MIB: f64 = 3.0;
+
+pub fn mib(kib: f64) -> f64 {
+    kib / 1024.0
+}
+
+impl SystemResult {
+    pub fn ready(&self) -> Option<Summary> {
+        Summary::of(&self.ready_ms)
+    }
+
+    pub fn exit(&self) -> Option<Summary> {
+        Summary::of(&self.exit_ms)
+    }
+
+    pub fn rss(&self) -> Option<Summary> {
+        Summary::of(&self.rss_kib)
+    }
+
+    /// The good runs out of all runs.
+    pub fn good(&self) -> (usize, usize) {
+        let good = self.ready_ms.len();
+        (good, good + self.failures.len())
+    }
+
+    /// The median per phase step over all runs (ms), in boot order: `(step, ms)`, where step is
+    /// `previous..phase`. Only for Ember.
+    pub fn phase_medians(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for w in PHASES.windows(2) {
+            let d: Vec<f64> = self
+                .timelines
+                .iter()
+                .filter_map(|t| Some((t.get(w[1])? as f64 - t.get(w[0])? as f64) / 1000.0))
+                .collect();
+            if let Some(s) = Summary::of(&d) {
+                out.push((format!("{}..{}", w[0], w[1]), s.median));
+            }
+        }
+        out
+    }
+
+    /// The run with the median ready time, split into the chart's segments.
+    pub fn median_segments(&self) -> Option<Vec<(&'static str, f64)>> {
+        let i = median_index(&self.ready_ms)?;
+        phases::segments(self.timelines.get(i)?, self.ready_ms[i], self.exit_ms[i])
+    }
+}
+
+impl ModeResult {
+    pub fn ember(&self) -> Option<&SystemResult> {
+        self.systems.iter().find(|s| s.kind == Kind::Ember)
+    }
+}
+
+fn fmt_summary(s: Option<Summary>) -> String {
+    match s {
+        Some(s) => format!(
+            "{:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+            s.min, s.median, s.p90, s.max
+        ),
+        None => format!("{:>7} {:>7} {:>7} {:>7}", "-", "-", "-", "-"),
+    }
+}
+
+fn ratio(peer: Option<Summary>, ember: Option<Summary>) -> String {
+    match (peer, ember) {
+        (Some(p), Some(e)) if e.median > 0.0 => format!("{:.2}x", p.median / e.median),
+        _ => "-".into(),
+    }
+}
+
+/// One mode's figures as a text table with its notes.
+pub fn text(r: &ModeResult) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "== {}: {} rounds, ready line `{}`",
+        r.mode.title(),
+        r.rounds,
+        r.marker
+    );
+    let _ = writeln!(o, "guest: {}", r.guest);
+    let _ = writeln!(
+        o,
+        "{:<7} {:>5}  {:^31}  {:^31}  {:>8}  {:^22}",
+        "",
+        "good",
+        "launch -> ready (ms)",
+        "launch -> exit (ms)",
+        "peak RSS",
+        "peer / ember (median)"
+    );
+    let _ = writeln!(
+        o,
+        "{:<7} {:>5}  {:>7} {:>7} {:>7} {:>7}  {:>7} {:>7} {:>7} {:>7}  {:>8}  {:>6} {:>6} {:>6}",
+        "system",
+        "runs",
+        "min",
+        "median",
+        "p90",
+        "max",
+        "min",
+        "median",
+        "p90",
+        "max",
+        "MiB",
+        "ready",
+        "exit",
+        "RSS"
+    );
+    let ember = r.ember();
+    for s in &r.systems {
+        let (good, all) = s.good();
+        let rss = s
+            .rss()
+            .map_or("-".into(), |x| format!("{:.1}", mib(x.median)));
+        let ratios = if s.kind == Kind::Ember {
+            String::new()
+        } else {
+            let e = ember;
+            format!(
+                "{:>6} {:>6} {:>6}",
+                ratio(s.ready(), e.and_then(|e| e.ready())),
+                ratio(s.exit(), e.and_then(|e| e.exit())),
+                ratio(s.rss(), e.and_then(|e| e.rss()))
+            )
+        };
+        let _ = writeln!(
+            o,
+            "{:<7} {:>5}  {}  {}  {:>8}  {}",
+            s.kind.name(),
+            format!("{good}/{all}"),
+            fmt_summary(s.ready()),
+            fmt_summary(s.exit()),
+            rss,
+            ratios
+        );
+    }
+    for s in &r.systems {
+        if let Some(n) = &s.note {
+            let _ = writeln!(o, "  {}: {n}", s.kind.name());
+        }
+        if let Some(f) = s.failures.first() {
+            let _ = writeln!(
+                o,
+                "  {}: {} failed run(s), first: {f}",
+                s.kind.name(),
+                s.failures.len()
+            );
+        }
+    }
+    for sk in &r.skipped {
+        let _ = writeln!(o, "  {}: not run: {}", sk.kind.name(), sk.reason);
+    }
+    if let Some(e) = ember {
+        let steps = e.phase_medians();
+        if !steps.is_empty() {
+            let _ = writeln!(o, "ember phases (median ms, Ember's own clock from main):");
+            for (name, v) in steps {
+                let _ = writeln!(o, "  {name:<36} {v:>8.2}");
+            }
+        }
+        if let Some(seg) = e.median_segments() {
+            let parts: Vec<String> = seg.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
+            let _ = writeln!(o, "ember median run (ms from spawn): {}", parts.join(" | "));
+        }
+    }
+    for (kind, m) in &r.memory {
+        match m {
+            Ok(m) => {
+                let _ = writeln!(
+                    o,
+                    "{} own memory: {:.2} MiB = peak RSS {:.2} MiB - guest RAM resident {:.2} MiB \
+                     (at the ready line: RssAnon {:.2} MiB incl. guest RAM, RssFile {:.2} MiB; \
+                     interactive probe guest, median of {})",
+                    kind.name(),
+                    mib(m.own as f64),
+                    mib(m.peak_rss as f64),
+                    mib(m.guest_rss as f64),
+                    mib(m.rss_anon as f64),
+                    mib(m.rss_file as f64),
+                    m.runs
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(o, "{} own memory: not measured: {e}", kind.name());
+            }
+        }
+    }
+    if r.mode == Mode::Null {
+        if let Some(e) = ember {
+            let own = r
+                .memory
+                .iter()
+                .find(|(k, _)| *k == Kind::Ember)
+                .and_then(|(_, m)| m.as_ref().ok())
+                .map(|m| mib(m.own as f64));
+            let _ = writeln!(
+                o,
+                "targets: {}; {}; {}",
+                target(
+                    "launch->ready",
+                    e.ready().map(|s| s.median),
+                    TARGET_READY_MS,
+                    "ms"
+                ),
+                target(
+                    "launch->exit",
+                    e.exit().map(|s| s.median),
+                    TARGET_EXIT_MS,
+                    "ms"
+                ),
+                target("own memory", own, TARGET_OWN_MIB, "MiB")
+            );
+        }
+    }
+    o
+}
+
+fn target(what: &str, v: Option<f64>, limit: f64, unit: &str) -> String {
+    match v {
+        Some(v) if v < limit => format!("{what} {v:.2} {unit} < {limit} {unit}: met"),
+        Some(v) => format!("{what} {v:.2} {unit} >= {limit} {unit}: MISSED"),
+        None => format!("{what}: not measured"),
+    }
+}
+
+fn json_summary(s: Option<Summary>) -> String {
+    match s {
+        Some(s) => format!(
+            "{{\"min\":{:.3},\"median\":{:.3},\"p90\":{:.3},\"max\":{:.3}}}",
+            s.min, s.median, s.p90, s.max
+        ),
+        None => "null".into(),
+    }
+}
+
+fn json_list(v: &[f64], prec: usize) -> String {
+    let items: Vec<String> = v.iter().map(|x| format!("{x:.prec$}")).collect();
+    format!("[{}]", items.join(","))
+}
+
+fn json_timeline(t: &Timeline) -> String {
+    let f: Vec<String> = PHASES
+        .iter()
+        .zip(t.0.iter())
+        .map(|(k, v)| match v {
+            Some(v) => format!("\"{k}\":{v}"),
+            None => format!("\"{k}\":null"),
+        })
+        .collect();
+    format!("{{{}}}", f.join(","))
+}
+
+/// The whole report as JSON: host, command, and per mode every system's summary, samples and
+/// (Ember) timelines.
+pub fn json(r: &Report) -> String {
+    let mut o = String::new();
+    let h = &r.host;
+    let _ = write!(
+        o,
+        "{{\n  \"date\": {},\n  \"command\": {},\n  \"host\": {{\"kvm\": {}, \"description\": {}, \"cpus\": {}, \"cpu_model\": {}, \"kernel\": {}, \"memory_mib\": {}}},\n  \"notes\": [{}],\n  \"modes\": [",
+        json_string(&h.date),
+        json_string(&r.command),
+        json_string(h.kvm.short()),
+        json_string(h.kvm.describe()),
+        h.cpus,
+        json_string(&h.cpu_model),
+        json_string(&h.kernel),
+        h.memory_mib,
+        r.notes.iter().map(|n| json_string(n)).collect::<Vec<_>>().join(", ")
+    );
+    for (mi, m) in r.modes.iter().enumerate() {
+        let ember = m.ember();
+        let _ = write!(
+            o,
+            "{}\n    {{\n      \"mode\": {},\n      \"guest\": {},\n      \"marker\": {},\n      \"rounds\": {},\n      \"systems\": [",
+            if mi > 0 { "," } else { "" },
+            json_string(m.mode.name()),
+            json_string(&m.guest),
+            json_string(&m.marker),
+            m.rounds
+        );
+        for (si, s) in m.systems.iter().enumerate() {
+            let (good, all) = s.good();
+            let ratios = match (s.kind, ember) {
+                (Kind::Ember, _) | (_, None) => "null".to_string(),
+                (_, Some(e)) => {
+                    let q = |p: Option<Summary>, e: Option<Summary>| match (p, e) {
+                        (Some(p), Some(e)) if e.median > 0.0 => {
+                            format!("{:.3}", p.median / e.median)
+                        }
+                        _ => "null".into(),
+                    };
+                    format!(
+                        "{{\"ready\":{},\"exit\":{},\"rss\":{}}}",
+                        q(s.ready(), e.ready()),
+                        q(s.exit(), e.exit()),
+                        q(s.rss(), e.rss())
+                    )
+                }
+            };
+            let _ = write!(
+                o,
+                "{}\n        {{\"system\": {}, \"command\": {}, \"note\": {}, \"good_runs\": {good}, \"runs\": {all},\n         \"ready_ms\": {}, \"exit_ms\": {}, \"peak_rss_mib\": {}, \"peer_over_ember\": {ratios},\n         \"samples\": {{\"ready_ms\": {}, \"exit_ms\": {}, \"peak_rss_kib\": {}}},\n         \"failures\": [{}]",
+                if si > 0 { "," } else { "" },
+                json_string(s.kind.name()),
+                json_string(&s.command),
+                s.note.as_deref().map_or("null".into(), json_string),
+                json_summary(s.ready()),
+                json_summary(s.exit()),
+                json_summary(s.rss().map(|x| Summary {
+                    min: mib(x.min),
+                    median: mib(x.median),
+                    p90: mib(x.p90),
+                    max: mib(x.max),
+                    ..x
+                })),
+                json_list(&s.ready_ms, 3),
+                json_list(&s.exit_ms, 3),
+                json_list(&s.rss_kib, 0),
+                s.failures.iter().map(|f| json_string(f)).collect::<Vec<_>>().join(", ")
+            );
+            if s.kind == Kind::Ember {
+                let tl: Vec<String> = s.timelines.iter().map(json_timeline).collect();
+                let med: Vec<String> = s
+                    .phase_medians()
+                    .iter()
+                    .map(|(k, v)| format!("{}:{v:.3}", json_string(k)))
+                    .collect();
+                let _ = write!(
+                    o,
+                    ",\n         \"phase_median_ms\": {{{}}},\n         \"timelines_us\": [{}]",
+                    med.join(","),
+                    tl.join(",")
+                );
+            }
+            o.push('}');
+        }
+        o.push_str("\n      ],\n      \"not_run\": [");
+        let sk: Vec<String> = m
+            .skipped
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{\"system\": {}, \"reason\": {}}}",
+                    json_string(s.kind.name()),
+                    json_string(&s.reason)
+                )
+            })
+            .collect();
+        o.push_str(&sk.join(", "));
+        o.push_str("],\n      \"own_memory\": [");
+        let mems: Vec<String> = m
+            .memory
+            .iter()
+            .map(|(k, v)| match v {
+                Ok(v) => format!(
+                    "{{\"system\": {}, \"own_mib\": {:.3}, \"peak_rss_mib\": {:.3}, \"guest_ram_resident_mib\": {:.3}, \"rss_anon_mib\": {:.3}, \"rss_file_mib\": {:.3}, \"guest_mapping_mib\": {:.1}, \"runs\": {}}}",
+                    json_string(k.name()),
+                    mib(v.own as f64),
+                    mib(v.peak_rss as f64),
+                    mib(v.guest_rss as f64),
+                    mib(v.rss_anon as f64),
+                    mib(v.rss_file as f64),
+                    mib(v.guest_mapping_kib as f64),
+                    v.runs
+                ),
+                Err(e) => format!(
+                    "{{\"system\": {}, \"error\": {}}}",
+                    json_string(k.name()),
+                    json_string(e)
+                ),
+            })
+            .collect();
+        o.push_str(&mems.join(", "));
+        o.push_str("]\n    }");
+    }
+    o.push_str("\n  ]\n}\n");
+    o
+}
