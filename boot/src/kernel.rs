@@ -18,7 +18,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use linux_loader::bootparam::{setup_header, XLF_KERNEL_64};
 use linux_loader::elf::{
-    Elf64_Ehdr, Elf64_Phdr, EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PT_LOAD,
+    Elf64_Ehdr, Elf64_Phdr, EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PT_LOAD, PT_NOTE,
 };
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
@@ -67,6 +67,10 @@ pub enum KernelError {
         "the kernel wants to load at {addr:#x}, below {min:#x} where Ember keeps its boot structures"
     )]
     LoadsTooLow { addr: u64, min: u64 },
+    #[error(
+        "the ELF kernel's entry point {entry:#x} is below {min:#x}, where no kernel is loaded"
+    )]
+    EntryTooLow { entry: u64, min: u64 },
     #[error(
         "the kernel does not fit in guest memory: it needs {start:#x}..{end:#x} ({needed_mib} MiB from \
          1 MiB); give the guest more memory"
@@ -237,19 +241,24 @@ fn check_elf<M: GuestMemoryBackend>(
     for i in 0..u64::from(ehdr.e_phnum) {
         let mut phdr = Elf64_Phdr::default();
         read_at(kernel, ehdr.e_phoff + i * phdr_size, phdr.as_mut_slice())?;
-        if phdr.p_type != PT_LOAD {
-            continue;
-        }
+        // Any segment linux-loader reads (PT_LOAD, and PT_NOTE for the PVH entry) must be whole.
         let file_end = phdr
             .p_offset
             .checked_add(phdr.p_filesz)
             .ok_or(KernelError::MalformedElf("segment file range overflows"))?;
-        if file_end > len {
+        if file_end > len && (phdr.p_type == PT_LOAD || phdr.p_type == PT_NOTE) {
             return Err(KernelError::Truncated {
-                what: "loadable segment",
+                what: if phdr.p_type == PT_LOAD {
+                    "loadable segment"
+                } else {
+                    "note segment"
+                },
                 end: file_end,
                 len,
             });
+        }
+        if phdr.p_type != PT_LOAD {
+            continue;
         }
         if phdr.p_memsz < phdr.p_filesz {
             return Err(KernelError::MalformedElf(
@@ -271,6 +280,12 @@ fn check_elf<M: GuestMemoryBackend>(
     }
     if lowest == u64::MAX {
         return Err(KernelError::NoLoadableSegment);
+    }
+    if ehdr.e_entry < layout::HIMEM_START {
+        return Err(KernelError::EntryTooLow {
+            entry: ehdr.e_entry,
+            min: layout::HIMEM_START,
+        });
     }
     check_fits(mem, lowest, highest)?;
     Ok((lowest, highest))
@@ -526,6 +541,17 @@ mod tests {
     }
 
     #[test]
+    fn elf_with_pvh_note_cut_short_is_truncated() {
+        let image = elf(EM_X86_64, 0x10_0000, CODE, Some(0x10_0000));
+        // The code follows the note: cut inside the note.
+        let cut = 64 + 2 * 56 + 30;
+        match load(&image[..cut]) {
+            Err(KernelError::Truncated { len, .. }) => assert_eq!(len, cut as u64),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn elf_bigger_than_memory_does_not_fit() {
         // A segment claiming 16 MiB in memory at 1 MiB, in an 8 MiB guest.
         let mut image = elf(EM_X86_64, 0x10_0000, CODE, None);
@@ -540,6 +566,12 @@ mod tests {
     fn elf_loading_below_1mib_is_refused() {
         let err = load(&elf(EM_X86_64, 0x8000, CODE, None)).unwrap_err();
         assert!(matches!(err, KernelError::LoadsTooLow { addr: 0x8000, .. }));
+        let mut image = elf(EM_X86_64, 0x10_0000, CODE, None);
+        image[24..32].copy_from_slice(&0x7000u64.to_le_bytes()); // e_entry
+        assert!(matches!(
+            load(&image),
+            Err(KernelError::EntryTooLow { entry: 0x7000, .. })
+        ));
     }
 
     /// A bzImage-shaped file: boot sector + one setup sector, then `payload`.
