@@ -116,7 +116,8 @@ pub struct LoadedKernel {
     /// A bzImage's setup header, to be copied into the zero page.
     pub setup_header: Option<setup_header>,
     /// First byte after everything the kernel occupies (for a bzImage, including the room it
-    /// decompresses into), rounded to nothing: the initramfs goes above it.
+    /// decompresses into: `max(code32_start, pref_address) + init_size`); the initramfs goes
+    /// above it.
     pub kernel_end: GuestAddress,
 }
 
