@@ -8,3 +8,4 @@ mod cli;
 mod guests;
 mod hardening;
 mod kernels;
+mod microvm_kernel;
