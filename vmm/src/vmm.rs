@@ -324,6 +324,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         }
     }
     let vm = create_vm(&kvm)?;
+    {
+        use std::os::fd::AsRawFd;
+        // Not fatal: without the reaper Ember only exits later.
+        if let Err(e) = crate::reaper::spawn(vm.as_raw_fd()) {
+            log::warn!("VM teardown will delay Ember's exit: cannot fork the reaper: {e}");
+        }
+    }
     timeline::mark(Phase::VmCreated);
 
     let mem = create_memory(&vm, cfg.memory)?;
