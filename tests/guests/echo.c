@@ -5,12 +5,19 @@ void gmain(void *boot)
 {
 	static char line[512];
 	usize n = 0;
+	int prev = 0;
 	(void)boot;
 	println("echo: ready");
 	for (;;) {
 		int c = getc();
-		if (c == '\r')
+		/* A terminal's Enter sends \r, a pipe \n; \r\n is one line end. */
+		if (c == '\n' && prev == '\r') {
+			prev = c;
 			continue;
+		}
+		prev = c;
+		if (c == '\r')
+			c = '\n';
 		if (c != '\n' && n < sizeof(line) - 1) {
 			line[n++] = (char)c;
 			continue;
