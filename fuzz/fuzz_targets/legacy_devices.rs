@@ -1,0 +1,110 @@
+//! What a guest does to the legacy devices: arbitrary port reads and writes of any width (and
+//! console input) on a port bus holding COM1, the i8042 and the ACPI sleep registers, placed as
+//! Ember places them. Besides not panicking: the VM-ending events fire exactly when the guest
+//! sent the one command that means them.
+#![no_main]
+
+use std::sync::{Arc, Mutex};
+
+use arbitrary::Arbitrary;
+use ember_boot::layout;
+use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
+use ember_devices::i8042::{I8042, I8042_PORT_LEN};
+use ember_devices::serial::SerialDevice;
+use ember_devices::{Bus, BusDevice, EventFdTrigger};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    /// `port` is relative to one of the devices (`device` picks it), so most accesses land near
+    /// a device; `raw` accesses anywhere.
+    Read { device: u8, port: u8, width: u8 },
+    Write { device: u8, port: u8, data: Vec<u8> },
+    RawRead { port: u16, width: u8 },
+    RawWrite { port: u16, data: Vec<u8> },
+    Input(Vec<u8>),
+}
+
+const BASES: [u16; 3] = [
+    layout::COM1_PORT,
+    layout::I8042_PORT,
+    layout::ACPI_SLEEP_CONTROL_PORT,
+];
+const I8042_COMMAND: u64 = layout::I8042_PORT as u64 + 4;
+const I8042_RESET: u8 = 0xfe;
+const SLP_EN: u8 = 1 << 5;
+
+fuzz_target!(|ops: Vec<Op>| {
+    let serial_irq = EventFdTrigger::new().unwrap();
+    let reset = EventFdTrigger::new().unwrap();
+    let poweroff = EventFdTrigger::new().unwrap();
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(serial_irq.try_clone().unwrap(), Box::new(std::io::sink())).unwrap(),
+    ));
+    let mut bus = Bus::new();
+    let devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 3] = [
+        (layout::COM1_PORT, 8, serial.clone()),
+        (
+            layout::I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(reset.try_clone().unwrap()))),
+        ),
+        (
+            layout::ACPI_SLEEP_CONTROL_PORT,
+            ACPI_PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(
+                poweroff.try_clone().unwrap(),
+                layout::ACPI_S5_SLP_TYP,
+            ))),
+        ),
+    ];
+    for (port, len, dev) in devices {
+        bus.insert(u64::from(port), len, dev).unwrap();
+    }
+
+    let (mut resets, mut poweroffs) = (0u64, 0u64);
+    let mut write = |port: u64, data: &[u8]| {
+        bus.write(port, data);
+        if port == I8042_COMMAND && data == [I8042_RESET] {
+            resets += 1;
+        }
+        if port == u64::from(layout::ACPI_SLEEP_CONTROL_PORT)
+            && data.len() == 1
+            && data[0] & SLP_EN != 0
+            && (data[0] >> 2) & 7 == layout::ACPI_S5_SLP_TYP
+        {
+            poweroffs += 1;
+        }
+    };
+    for op in ops {
+        match op {
+            Op::Read {
+                device,
+                port,
+                width,
+            } => {
+                let mut buf = vec![0u8; usize::from(width % 9)];
+                let port = u64::from(BASES[usize::from(device) % 3]) + u64::from(port % 16);
+                bus.read(port.saturating_sub(4), &mut buf);
+            }
+            Op::Write { device, port, data } => {
+                let port = u64::from(BASES[usize::from(device) % 3]) + u64::from(port % 16);
+                write(port.saturating_sub(4), &data[..data.len().min(8)]);
+            }
+            Op::RawRead { port, width } => {
+                let mut buf = vec![0u8; usize::from(width % 9)];
+                bus.read(u64::from(port), &mut buf);
+            }
+            Op::RawWrite { port, data } => write(u64::from(port), &data[..data.len().min(8)]),
+            Op::Input(bytes) => {
+                let mut s = serial.lock().unwrap();
+                let room = s.input_room();
+                let taken = s.enqueue_input(&bytes).unwrap();
+                assert!(taken <= room && taken <= bytes.len());
+            }
+        }
+    }
+    // An eventfd counter reads as the sum of the writes; a never-written one would block (EAGAIN).
+    assert_eq!(reset.read().unwrap_or(0), resets, "i8042 resets");
+    assert_eq!(poweroff.read().unwrap_or(0), poweroffs, "ACPI S5 poweroffs");
+});
