@@ -20,7 +20,7 @@ t2=$(date +%s)
 
 # Parallel tests interleave their output, so count occurrences rather than whole lines; a failed
 # test fails the run through $status anyway.
-passed=$(grep -oE '^test (guests|kernels|blk|hardening|microvm_kernel)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
+passed=$(grep -oE '^test (guests|kernels|blk|console|hardening|microvm_kernel)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
 skipped=$(grep -oE 'SKIPPED [a-z0-9_]+:' "$log" | wc -l)
 # A test that skipped (loudly) still ends "ok"; it booted nothing.
 booted=$((passed - skipped))

@@ -5,6 +5,7 @@ mod common;
 
 mod blk;
 mod cli;
+mod console;
 mod guests;
 mod hardening;
 mod kernels;

@@ -1,0 +1,79 @@
+//! The console on a real terminal: raw mode, the Ctrl-A escape, and the terminal restored on every
+//! exit path. `script` (util-linux) gives Ember a pseudo-terminal; the shell inside it prints the
+//! terminal settings before and after Ember so the test can compare them.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{self, run_command};
+
+/// Runs `body` (a shell snippet where `$EMBER` and `$GUEST` are set) on a fresh pty, typing each
+/// of `keys` (printf strings) with a pause before it, as a person would: Ember is up and in raw
+/// mode before the first, and the guest has answered one before the next.
+fn on_a_terminal(body: &str, keys: &[&str]) -> String {
+    common::kvm_kind();
+    let guest = common::guest("echo");
+    let script = format!(
+        "EMBER='{}'; GUEST='{}'; echo \"before=$(stty -g)\"; {body}; echo \"after=$(stty -g)\"",
+        common::ember(),
+        guest.display()
+    );
+    let typing: String = keys
+        .iter()
+        .map(|k| format!("sleep 0.4; printf '{k}'; "))
+        .collect();
+    let feeder = format!("{typing}sleep 2");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("({feeder}) | script -qec \"$0\" /dev/null",));
+    cmd.arg(script);
+    let run = run_command(cmd, b"", Duration::from_secs(30));
+    run.stdout.replace('\r', "")
+}
+
+fn setting(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{out}"))
+        .to_string()
+}
+
+#[test]
+fn typed_line_reaches_the_guest_and_ctrl_a_x_quits_with_0() {
+    let out = on_a_terminal(
+        "$EMBER run --kernel $GUEST; echo \"status=$?\"",
+        &["marmalade\\r", "\\001\\001z\\r", "\\001x"],
+    );
+    assert!(out.contains("echo: ready"), "{out}");
+    // Enter on a raw terminal is \r, and the guest sees it as typed.
+    assert!(out.contains("echo: marmalade\n"), "{out}");
+    // Ctrl-A Ctrl-A sends one Ctrl-A.
+    assert!(out.contains("echo: \u{1}z\n"), "{out}");
+    assert!(out.contains("status=0"), "{out}");
+    assert_eq!(
+        setting(&out, "before="),
+        setting(&out, "after="),
+        "terminal not restored:\n{out}"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_guest_with_143_and_restores_the_terminal() {
+    // A background job's stdin would be /dev/null; give it the terminal explicitly.
+    let out = on_a_terminal(
+        "$EMBER run --kernel $GUEST </dev/tty & pid=$!; sleep 0.3; \
+         echo \"mid=$(stty -g </dev/tty)\"; kill -TERM $pid; wait $pid; echo \"status=$?\"",
+        &[],
+    );
+    assert!(out.contains("status=143"), "{out}");
+    assert_ne!(
+        setting(&out, "before="),
+        setting(&out, "mid="),
+        "Ember did not enter raw mode:\n{out}"
+    );
+    assert_eq!(
+        setting(&out, "before="),
+        setting(&out, "after="),
+        "terminal not restored:\n{out}"
+    );
+}
