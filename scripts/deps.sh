@@ -10,11 +10,12 @@
 #   lz4                      extracting vmlinux from Debian's LZ4-compressed bzImage
 #   e2fsprogs                mkfs.ext4 -d for the kit's rootfs.ext4
 #   file, xz-utils, zstd     identifying and unpacking kernel payloads / modules
-#   crun, runc               container peers for the benchmarks
+#   crun, runc, podman       container peers for the benchmarks (ember bench)
+#   qemu-system-x86          QEMU's microvm machine, a VMM peer for the benchmarks
 set -eu
 
 PACKAGES="build-essential gcc binutils make acpica-tools busybox-static cpio lz4 e2fsprogs
-file xz-utils zstd crun runc ca-certificates git"
+file xz-utils zstd crun runc podman qemu-system-x86 ca-certificates git"
 
 missing=""
 for p in $PACKAGES; do

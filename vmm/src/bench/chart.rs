@@ -98,6 +98,19 @@ fn lines(o: &mut String, x: f64, mut y: f64, size: u32, fill: &str, text: &str) 
     y
 }
 
+/// Whether Ember's segments end with the ready-to-exit part (not when it was stopped).
+fn has_exit(seg: &[(&'static str, f64)]) -> bool {
+    seg.last().is_some_and(|(n, _)| *n == "ready line to exit")
+}
+
+fn ready_part<'a>(seg: &'a [(&'static str, f64)]) -> &'a [(&'static str, f64)] {
+    if has_exit(seg) {
+        &seg[..seg.len() - 1]
+    } else {
+        seg
+    }
+}
+
 pub fn svg(r: &Report) -> String {
     let mut body = String::new();
     let mut y = 36.0;
@@ -138,9 +151,14 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         m.rounds
     );
     y += 18.0;
+    let tail = if m.systems.iter().any(|s| s.exit().is_some()) {
+        ", → exit (light)"
+    } else {
+        " (stopped there)"
+    };
     let _ = writeln!(
         o,
-        r##"<text x="16" y="{y}" font-size="11" fill="#444">launch → ready line `{}` (solid), → exit (light); peak RSS of the launched process</text>"##,
+        r##"<text x="16" y="{y}" font-size="11" fill="#444">launch → ready line `{}` (solid){tail}; peak RSS of the launched process</text>"##,
         esc(&m.marker)
     );
     y += 14.0;
@@ -149,7 +167,9 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
     let max = m
         .systems
         .iter()
-        .filter_map(|s| s.exit().map(|e| e.median))
+        .flat_map(|s| [s.ready(), s.exit()])
+        .flatten()
+        .map(|x| x.median)
         .fold(0.0, f64::max);
     let step = tick_step(max);
     let top = (max / step).ceil().max(1.0) * step;
@@ -171,9 +191,10 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
     }
     y += 8.0;
     for s in &m.systems {
-        let (Some(ready), Some(exit)) = (s.ready(), s.exit()) else {
+        let Some(ready) = s.ready() else {
             continue;
         };
+        let exit = s.exit();
         let by = y + (ROW_H - BAR_H) / 2.0;
         let color = system_color(s.kind);
         let _ = writeln!(
@@ -189,21 +210,22 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             s.kind.name()
         );
         let wr = ready.median * scale;
-        let we = (exit.median * scale).max(wr);
+        let we = exit.map_or(wr, |e| (e.median * scale).max(wr));
         let _ = writeln!(
             o,
             r##"<rect x="{x0:.1}" y="{by:.1}" width="{we:.1}" height="{BAR_H}" fill="{color}" fill-opacity="0.3"/>"##
         );
         match s.median_segments().filter(|_| s.kind == Kind::Ember) {
             Some(seg) => {
-                let run_ready: f64 = seg[..seg.len() - 1].iter().map(|(_, v)| v).sum();
+                let seg = ready_part(&seg);
+                let run_ready: f64 = seg.iter().map(|(_, v)| v).sum();
                 let k = if run_ready > 0.0 {
                     ready.median / run_ready
                 } else {
                     1.0
                 };
                 let mut x = x0;
-                for (i, (name, v)) in seg[..seg.len() - 1].iter().enumerate() {
+                for (i, (name, v)) in seg.iter().enumerate() {
                     let w = v * k * scale;
                     let _ = writeln!(
                         o,
@@ -225,13 +247,15 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         let rss = s
             .rss()
             .map_or(String::new(), |r| format!(" · {:.1} MiB", mib(r.median)));
+        let exit = exit.map_or(String::new(), |e| {
+            format!(" · exit {} ms", fmt_ms(e.median))
+        });
         let _ = writeln!(
             o,
-            r##"<text x="{:.1}" y="{:.1}" font-size="12">ready {} ms · exit {} ms{rss}</text>"##,
+            r##"<text x="{:.1}" y="{:.1}" font-size="12">ready {} ms{exit}{rss}</text>"##,
             W - VALUE_W,
             by + 15.0,
             fmt_ms(ready.median),
-            fmt_ms(exit.median)
         );
         y += ROW_H;
     }
@@ -250,9 +274,10 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
     if let Some(seg) = m.ember().and_then(|e| e.median_segments()) {
         y += 30.0;
         let total: f64 = seg.iter().map(|(_, v)| v).sum();
+        let to = if has_exit(&seg) { "exit" } else { "ready" };
         let _ = writeln!(
             o,
-            r##"<text x="16" y="{y}" font-size="13" font-weight="bold">Ember, phase by phase (the run with the median ready time: {} ms to exit)</text>"##,
+            r##"<text x="16" y="{y}" font-size="13" font-weight="bold">Ember, phase by phase (the run with the median ready time: {} ms to {to})</text>"##,
             fmt_ms(total)
         );
         y += 10.0;
@@ -260,7 +285,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         let mut x = 16.0;
         for (i, (name, v)) in seg.iter().enumerate() {
             let w = if total > 0.0 { v / total * span } else { 0.0 };
-            let last = i == seg.len() - 1;
+            let last = has_exit(&seg) && i == seg.len() - 1;
             let color = if last {
                 "#dee2e6"
             } else {
@@ -280,7 +305,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             let col = (i % 2) as f64;
             let lx = 16.0 + col * 460.0;
             let ly = y + (i / 2) as f64 * 16.0 + 10.0;
-            let last = i == seg.len() - 1;
+            let last = has_exit(&seg) && i == seg.len() - 1;
             let color = if last {
                 "#dee2e6"
             } else {

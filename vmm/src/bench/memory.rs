@@ -180,6 +180,7 @@ Rss:                  12 kB
             args: vec!["-c".into(), "echo 'x: ready'; read q".into()],
             marker: "x: ready".into(),
             timeout: Duration::from_secs(10),
+            stop_at_ready: false,
         };
         let e = probe(&spec, 1 << 40, b"quit\n", 1).unwrap_err();
         assert!(e.contains("no anonymous mapping"), "{e}");

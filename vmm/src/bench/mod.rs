@@ -1,12 +1,14 @@
 //! `ember bench`: microVM start-up against container start-up (and QEMU's microvm machine) on
 //! the same machine, the same root filesystem and the same ready line.
 //!
-//! Two modes. `null`: Ember boots the null test guest (prints its ready line, then resets), which
-//! measures the VMM itself. `linux`: Ember and QEMU boot a Linux kernel with the guest kit's
-//! initramfs (ready line from /init, then `reboot -f`). The containers run `/bin/sh -c 'echo
-//! MARKER'` from the same root filesystem in both modes. Every system is warmed up once, then
-//! each round runs every system once, the order rotating from round to round so that machine
-//! drift falls on all of them alike.
+//! Three modes. `null`: Ember boots the null test guest (prints its ready line, then resets),
+//! which measures the VMM itself. `linux`: Ember and QEMU boot a Linux kernel with the guest
+//! kit's initramfs (ready line from /init, then `reboot -f`). The containers run `/bin/sh -c
+//! 'echo MARKER'` from the same root filesystem in both. `banner`: Ember and QEMU boot the same
+//! kernel without userspace to its `Linux version` line and are stopped there: the VMM peers
+//! compared where Linux cannot reach userspace (kvm_pvm hosts). Every system is warmed up once,
+//! then each round runs every system once, the order rotating from round to round so that
+//! machine drift falls on all of them alike.
 
 pub mod chart;
 pub mod host;
@@ -30,16 +32,17 @@ pub struct BenchArgs {
     /// Rounds; each runs every system once, in rotating order [default: 20 null, 10 linux].
     #[arg(long, value_name = "N")]
     pub rounds: Option<u32>,
-    /// What the microVMs boot: null (the null test guest: VMM overhead), linux (a kernel and the
-    /// kit's initramfs), or both. On a kvm_pvm host Linux never reaches userspace, so `both`
-    /// runs null only there and `linux` needs --force.
-    #[arg(long, value_name = "MODE", default_value = "both")]
+    /// Modes, comma-separated: null (the null test guest: VMM overhead), linux (a kernel and
+    /// the kit's initramfs to userspace), banner (a kernel to its `Linux version` line; VMMs
+    /// only), or auto: null,linux on hardware KVM; null,banner on kvm_pvm, where Linux never
+    /// reaches userspace (linux then needs --force).
+    #[arg(long, value_name = "MODES", default_value = "auto")]
     pub guest: String,
     /// Run the linux mode even on a kvm_pvm host (each boot then runs into --timeout).
     #[arg(long)]
     pub force: bool,
-    /// Kernel for the linux mode [default: the microVM kernel from scripts/microvm-kernel.sh
-    /// when built, else the kit's vmlinux].
+    /// Kernel for the linux and banner modes [default: the microVM kernel's vmlinux from
+    /// scripts/microvm-kernel.sh when built, else the kit's vmlinux].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs for the linux mode; it must print the ready marker and then reboot
@@ -62,7 +65,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     pub memory: String,
     /// Seconds one launch may take before it is killed and counted as failed
-    /// [default: 30 null, 120 linux, 900 linux on kvm_pvm].
+    /// [default: 30 null, 60 banner, 120 linux, 900 linux on kvm_pvm].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Write every figure and sample as JSON to FILE.
@@ -101,6 +104,7 @@ pub enum BenchError {
 pub enum Mode {
     Null,
     Linux,
+    Banner,
 }
 
 impl Mode {
@@ -108,6 +112,7 @@ impl Mode {
         match self {
             Mode::Null => "null",
             Mode::Linux => "linux",
+            Mode::Banner => "banner",
         }
     }
 
@@ -115,6 +120,7 @@ impl Mode {
         match self {
             Mode::Null => "null guest (VMM overhead)",
             Mode::Linux => "Linux guest (kernel + initramfs to userspace)",
+            Mode::Banner => "Linux kernel to its banner (VMMs only; stopped there)",
         }
     }
 }
@@ -204,7 +210,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     let mut results = Vec::new();
     for mode in modes {
-        let guest = guest_for(mode, &args, &inputs, host.kvm)?;
+        let guest = guest_for(mode, &args, &inputs)?;
         let r = run_mode(mode, &guest, &args, &inputs, &wanted, host.kvm, guest_bytes)?;
         let _ = write!(out, "\n{}", report::text(&r));
         results.push(r);
@@ -259,21 +265,37 @@ fn wanted_systems(list: Option<&str>) -> Result<Vec<Kind>, BenchError> {
 fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), BenchError> {
     let pvm_note = "kvm_pvm host: Linux guests never reach userspace here (guest code runs \
                     ~1000x slower and stops on XRSTOR), so the linux mode was not run; the null \
-                    guest measures the VMM itself";
-    match args.guest.as_str() {
-        "null" => Ok((vec![Mode::Null], vec![])),
-        "linux" if kvm == KvmKind::Pvm && !args.force => Err(BenchError::Input(format!(
-            "{pvm_note}. Use --guest null, or --force to try anyway"
-        ))),
-        "linux" => Ok((vec![Mode::Linux], vec![])),
-        "both" if kvm == KvmKind::Pvm && !args.force => {
-            Ok((vec![Mode::Null], vec![pvm_note.to_string()]))
+                    guest measures the VMM itself, the banner mode compares the VMMs on a kernel";
+    let mut notes = Vec::new();
+    let mut out = Vec::new();
+    for word in args.guest.split(',').map(str::trim) {
+        let add: &[Mode] = match word {
+            "auto" if kvm == KvmKind::Pvm && !args.force => {
+                notes.push(pvm_note.to_string());
+                &[Mode::Null, Mode::Banner]
+            }
+            "auto" => &[Mode::Null, Mode::Linux],
+            "null" => &[Mode::Null],
+            "banner" => &[Mode::Banner],
+            "linux" if kvm == KvmKind::Pvm && !args.force => {
+                return Err(BenchError::Input(format!(
+                    "{pvm_note}. Use --guest null,banner, or --force to try anyway"
+                )))
+            }
+            "linux" => &[Mode::Linux],
+            other => {
+                return Err(BenchError::Input(format!(
+                    "--guest: `{other}` is not null, linux, banner or auto"
+                )))
+            }
+        };
+        for m in add {
+            if !out.contains(m) {
+                out.push(*m);
+            }
         }
-        "both" => Ok((vec![Mode::Null, Mode::Linux], vec![])),
-        other => Err(BenchError::Input(format!(
-            "--guest: `{other}` is not null, linux or both"
-        ))),
     }
+    Ok((out, notes))
 }
 
 fn kit_dir() -> PathBuf {
@@ -309,12 +331,7 @@ fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
         .unwrap_or(rel)
 }
 
-fn guest_for(
-    mode: Mode,
-    args: &BenchArgs,
-    inputs: &Inputs,
-    kvm: KvmKind,
-) -> Result<Guest, BenchError> {
+fn guest_for(mode: Mode, args: &BenchArgs, inputs: &Inputs) -> Result<Guest, BenchError> {
     match mode {
         Mode::Null => {
             let kernel = match &args.null_guest {
@@ -347,25 +364,29 @@ fn guest_for(
                 qemu,
                 marker: "ember-guest: ready".into(),
                 memory: args.memory.clone(),
+                stop_at_ready: false,
+            })
+        }
+        Mode::Banner => {
+            let kernel = linux_kernel(args, inputs)?;
+            // earlyprintk: the banner comes out as soon as the early console is up, not once
+            // the 8250 driver is.
+            let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=1 pci=off";
+            Ok(Guest {
+                kernel: kernel.clone(),
+                initramfs: None,
+                cmdline: Some(cmdline.into()),
+                qemu: Ok(QemuGuest {
+                    kernel,
+                    cmdline: cmdline.into(),
+                }),
+                marker: "Linux version".into(),
+                memory: args.memory.clone(),
+                stop_at_ready: true,
             })
         }
         Mode::Linux => {
-            let kernel = match &args.kernel {
-                Some(k) => require(k.clone(), "the kernel", "pass an existing --kernel")?,
-                None => {
-                    let microvm =
-                        cache_dir("EMBER_MICROVM_KERNEL", "microvm-kernel").join("vmlinux");
-                    if microvm.is_file() {
-                        microvm
-                    } else {
-                        require(
-                            inputs.kit.join("vmlinux"),
-                            "the kit's vmlinux",
-                            "build the guest kit with scripts/kit.sh (or the microVM kernel with scripts/microvm-kernel.sh)",
-                        )?
-                    }
-                }
-            };
+            let kernel = linux_kernel(args, inputs)?;
             let initramfs = match &args.initramfs {
                 Some(i) => require(i.clone(), "the initramfs", "pass an existing --initramfs")?,
                 None => require(
@@ -374,7 +395,6 @@ fn guest_for(
                     "build the guest kit with scripts/kit.sh",
                 )?,
             };
-            let _ = kvm;
             // `quiet`: the console's speed is not what is compared. Each VMM gets the reset it
             // implements: Ember's i8042, a triple fault for QEMU's microvm (no i8042 there).
             Ok(Guest {
@@ -387,9 +407,27 @@ fn guest_for(
                 }),
                 marker: "ember-kit: ready".into(),
                 memory: args.memory.clone(),
+                stop_at_ready: false,
             })
         }
     }
+}
+
+/// The kernel for the linux and banner modes.
+fn linux_kernel(args: &BenchArgs, inputs: &Inputs) -> Result<PathBuf, BenchError> {
+    if let Some(k) = &args.kernel {
+        return require(k.clone(), "the kernel", "pass an existing --kernel");
+    }
+    let microvm = cache_dir("EMBER_MICROVM_KERNEL", "microvm-kernel").join("vmlinux");
+    if microvm.is_file() {
+        return Ok(microvm);
+    }
+    require(
+        inputs.kit.join("vmlinux"),
+        "the kit's vmlinux",
+        "build the guest kit with scripts/kit.sh (or the microVM kernel with \
+         scripts/microvm-kernel.sh)",
+    )
 }
 
 fn run_mode(
@@ -403,7 +441,7 @@ fn run_mode(
 ) -> Result<ModeResult, BenchError> {
     let rounds = args.rounds.unwrap_or(match mode {
         Mode::Null => 20,
-        Mode::Linux => 10,
+        Mode::Linux | Mode::Banner => 10,
     });
     if rounds == 0 || rounds > 10_000 {
         return Err(BenchError::Input(format!(
@@ -412,6 +450,7 @@ fn run_mode(
     }
     let timeout = Duration::from_secs(args.timeout.unwrap_or(match (mode, kvm) {
         (Mode::Null, _) => 30,
+        (Mode::Banner, _) => 60,
         (Mode::Linux, KvmKind::Pvm) => 900,
         (Mode::Linux, _) => 120,
     }));
@@ -422,9 +461,13 @@ fn run_mode(
     let mut systems: Vec<System> = Vec::new();
     let mut skipped = Vec::new();
     for &kind in wanted {
+        if mode == Mode::Banner && !kind.is_vm() {
+            // A container has no kernel of its own to boot.
+            continue;
+        }
         progress.say(&format!("{}: warming up {}", mode.name(), kind.name()));
         let found = systems::candidate(kind, &inputs.ember, guest, Some(&mut bundle))
-            .and_then(|s| systems::warm_up(s, &guest.marker, timeout));
+            .and_then(|s| systems::warm_up(s, guest, timeout));
         match found {
             Ok(s) => systems.push(s),
             Err(reason) if kind == Kind::Ember => {
@@ -464,14 +507,17 @@ fn run_mode(
             );
             let id = format!("{}-{round}-{i}", std::process::id());
             let res = &mut results[i];
-            match trial::run(&sys.spec(&id, &guest.marker, timeout)) {
+            match trial::run(&sys.spec(&id, &guest.marker, timeout, guest.stop_at_ready)) {
                 Ok(t) if t.ok() => {
                     let timeline = phases::parse(&t.stderr);
                     if sys.kind == Kind::Ember && timeline.is_none() {
                         res.failures.push("no --timings=json line on stderr".into());
                     } else {
                         res.ready_ms.push(ms(t.ready.unwrap_or_default()));
-                        res.exit_ms.push(ms(t.exit));
+                        // A VMM we stopped has no exit time of its own.
+                        if !t.stopped {
+                            res.exit_ms.push(ms(t.exit));
+                        }
                         res.rss_kib.push(t.max_rss_kib as f64);
                         if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
                             res.timelines.push(tl);
@@ -494,7 +540,7 @@ fn run_mode(
     // Own memory of the VMMs, from an interactive guest (see memory.rs).
     let mut mem = Vec::new();
     for sys in &systems {
-        if !sys.kind.is_vm() {
+        if !sys.kind.is_vm() || mode == Mode::Banner {
             continue;
         }
         progress.say(&format!("{}: memory probe {}", mode.name(), sys.name()));
@@ -519,7 +565,7 @@ fn run_mode(
 
 fn describe_guest(mode: Mode, g: &Guest) -> String {
     match mode {
-        Mode::Null => format!("{} (no initramfs)", g.kernel.display()),
+        Mode::Null | Mode::Banner => format!("{} (no initramfs)", g.kernel.display()),
         Mode::Linux => format!(
             "{} + {}",
             g.kernel.display(),
@@ -554,6 +600,7 @@ fn memory_probe(
             g.marker = "echo: ready".into();
             (g, "echo: ready", &b"quit\n"[..])
         }
+        Mode::Banner => return Err("no interactive guest in the banner mode".into()),
         Mode::Linux => {
             let shell = inputs.kit.join("initramfs.cpio");
             if !shell.is_file() {
@@ -569,7 +616,7 @@ fn memory_probe(
         return Err("QEMU does not run the null guest here".into());
     }
     let s = systems::candidate(sys.kind, &inputs.ember, &probe_guest, None)?;
-    let spec = s.spec("probe", marker, timeout);
+    let spec = s.spec("probe", marker, timeout, false);
     memory::probe(&spec, guest_bytes, quit, 3)
 }
 
@@ -654,17 +701,19 @@ mod tests {
     }
 
     #[test]
-    fn pvm_hosts_run_the_null_mode_only_unless_forced() {
-        let (m, notes) = modes(&args("both", false), KvmKind::Pvm).unwrap();
-        assert_eq!(m, vec![Mode::Null]);
+    fn pvm_hosts_skip_the_linux_mode_unless_forced() {
+        let (m, notes) = modes(&args("auto", false), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Null, Mode::Banner]);
         assert!(notes[0].contains("kvm_pvm"));
         let e = modes(&args("linux", false), KvmKind::Pvm).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
         let (m, _) = modes(&args("linux", true), KvmKind::Pvm).unwrap();
         assert_eq!(m, vec![Mode::Linux]);
-        let (m, notes) = modes(&args("both", false), KvmKind::Hardware).unwrap();
+        let (m, notes) = modes(&args("auto", false), KvmKind::Hardware).unwrap();
         assert_eq!(m, vec![Mode::Null, Mode::Linux]);
         assert!(notes.is_empty());
+        let (m, _) = modes(&args("banner,null,banner", false), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Banner, Mode::Null]);
         assert!(modes(&args("xen", false), KvmKind::Hardware).is_err());
     }
 

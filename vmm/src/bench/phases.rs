@@ -63,7 +63,11 @@ pub fn parse(stderr: &[u8]) -> Option<Timeline> {
 /// clock) to the ready line, then to exit. `ready_ms` / `exit_ms` are the benchmark's figures;
 /// Ember's own clock starts in `main`, so the first part is exec, the dynamic loader and Rust's
 /// start-up plus argument parsing, found as the ready time minus Ember's ready_marker mark.
-pub fn segments(t: &Timeline, ready_ms: f64, exit_ms: f64) -> Option<Vec<(&'static str, f64)>> {
+pub fn segments(
+    t: &Timeline,
+    ready_ms: f64,
+    exit_ms: Option<f64>,
+) -> Option<Vec<(&'static str, f64)>> {
     let us = |p: &str| t.get(p).map(|v| v as f64 / 1000.0);
     let ready_mark = us("ready_marker")?;
     let start = ready_ms - ready_mark;
@@ -82,7 +86,9 @@ pub fn segments(t: &Timeline, ready_ms: f64, exit_ms: f64) -> Option<Vec<(&'stat
         out.push((name, (at - prev).max(0.0)));
         prev = at;
     }
-    out.push(("ready line to exit", (exit_ms - ready_ms).max(0.0)));
+    if let Some(exit_ms) = exit_ms {
+        out.push(("ready line to exit", (exit_ms - ready_ms).max(0.0)));
+    }
     Some(out)
 }
 
@@ -110,11 +116,13 @@ mod tests {
     #[test]
     fn segments_add_up_to_the_measured_times() {
         let t = parse(LINE.as_bytes()).unwrap();
-        let s = segments(&t, 15.0, 16.5).unwrap();
+        let s = segments(&t, 15.0, Some(16.5)).unwrap();
         let ready: f64 = s[..s.len() - 1].iter().map(|(_, v)| v).sum();
         assert!((ready - 15.0).abs() < 1e-9, "{ready}");
         assert_eq!(s[0].0, "exec + argument parsing");
         assert!((s[0].1 - (15.0 - 14.3 + 0.15)).abs() < 1e-9);
         assert!((s.last().unwrap().1 - 1.5).abs() < 1e-9);
+        // A VMM stopped at its ready line has no exit part.
+        assert_eq!(segments(&t, 15.0, None).unwrap().len(), s.len() - 1);
     }
 }

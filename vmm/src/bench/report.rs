@@ -55,7 +55,11 @@ impl SystemResult {
     /// The run with the median ready time, split into the chart's segments.
     pub fn median_segments(&self) -> Option<Vec<(&'static str, f64)>> {
         let i = median_index(&self.ready_ms)?;
-        phases::segments(self.timelines.get(i)?, self.ready_ms[i], self.exit_ms[i])
+        phases::segments(
+            self.timelines.get(i)?,
+            self.ready_ms[i],
+            self.exit_ms.get(i).copied(),
+        )
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Guest {
     pub marker: String,
     /// Guest memory, as `ember run --memory` takes it.
     pub memory: String,
+    /// The guest does not end by itself: stop the VMM at the ready line.
+    pub stop_at_ready: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +91,7 @@ impl System {
         self.kind.name()
     }
 
-    pub fn spec(&self, id: &str, marker: &str, timeout: Duration) -> Spec {
+    pub fn spec(&self, id: &str, marker: &str, timeout: Duration, stop_at_ready: bool) -> Spec {
         Spec {
             program: self.program.clone(),
             args: self
@@ -99,6 +101,7 @@ impl System {
                 .collect(),
             marker: marker.to_string(),
             timeout,
+            stop_at_ready,
         }
     }
 
@@ -527,13 +530,13 @@ fn docker_import(docker: &Path, rootfs: &Path, image: &str) -> Result<(), String
 /// Runs `system` once, unmeasured (caches warm, one-time set-up done), and checks it works.
 /// crun gets a second chance inside a private mount namespace without the cgroup2 hierarchy
 /// when its plain run fails on a hybrid cgroup layout.
-pub fn warm_up(system: System, marker: &str, timeout: Duration) -> Result<System, String> {
-    let first = attempt(&system, "warmup", marker, timeout);
+pub fn warm_up(system: System, guest: &Guest, timeout: Duration) -> Result<System, String> {
+    let first = attempt(&system, "warmup", guest, timeout);
     match first {
         Ok(()) => Ok(system),
         Err(why) if system.kind == Kind::Crun && why.contains("hybrid mode") => {
             let wrapped = crun_unshared(&system).ok_or_else(|| why.clone())?;
-            attempt(&wrapped, "warmup2", marker, timeout)
+            attempt(&wrapped, "warmup2", guest, timeout)
                 .map(|()| wrapped)
                 .map_err(|e| format!("{why}; and under unshare: {e}"))
         }
@@ -541,9 +544,9 @@ pub fn warm_up(system: System, marker: &str, timeout: Duration) -> Result<System
     }
 }
 
-fn attempt(system: &System, id: &str, marker: &str, timeout: Duration) -> Result<(), String> {
+fn attempt(system: &System, id: &str, guest: &Guest, timeout: Duration) -> Result<(), String> {
     let id = format!("{}-{id}", std::process::id());
-    let result = trial::run(&system.spec(&id, marker, timeout));
+    let result = trial::run(&system.spec(&id, &guest.marker, timeout, guest.stop_at_ready));
     match result {
         Ok(t) if t.ok() => Ok(()),
         Ok(t) => {

@@ -29,6 +29,10 @@ pub struct Spec {
     pub marker: String,
     /// Kill the process group and give up after this long.
     pub timeout: Duration,
+    /// Stop the process once the ready line came (SIGTERM, then SIGKILL to its group after
+    /// a second): for guests that never exit by themselves. The run then counts as good
+    /// whatever its exit status.
+    pub stop_at_ready: bool,
 }
 
 /// How a process ended.
@@ -59,12 +63,15 @@ pub struct Trial {
     pub max_rss_kib: u64,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// The benchmark stopped the process at its ready line (Spec::stop_at_ready).
+    pub stopped: bool,
 }
 
 impl Trial {
-    /// A good run: the marker came and the process exited with status 0.
+    /// A good run: the marker came and the process exited with status 0 (or was stopped by
+    /// us after the marker).
     pub fn ok(&self) -> bool {
-        self.ready.is_some() && self.ending == Ending::Code(0)
+        self.ready.is_some() && (self.stopped || self.ending == Ending::Code(0))
     }
 
     /// One line saying why a run was not good, for the report.
@@ -159,10 +166,19 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
         ready: None,
     };
 
-    let deadline = t0 + spec.timeout;
+    let mut deadline = t0 + spec.timeout;
     let mut exited: Option<Duration> = None;
+    let mut stopped = false;
+    let mut escalated = false;
     loop {
         let now = Instant::now();
+        if stopped && !escalated && now >= deadline {
+            // It ignored SIGTERM for a second.
+            kill_group(pid);
+            escalated = true;
+            deadline = now + Duration::from_secs(5);
+            continue;
+        }
         if now >= deadline {
             kill_group(pid);
             let _ = wait4(pid);
@@ -197,6 +213,13 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
         if fds[0].revents != 0 {
             let was_ready = watch.ready.is_some();
             watch.read_out();
+            if !was_ready && watch.ready.is_some() && spec.stop_at_ready {
+                // SIGTERM first: a VMM that stops cleanly still reports its timings.
+                // SAFETY: pid is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                stopped = true;
+                deadline = Instant::now() + Duration::from_secs(1);
+            }
             if !was_ready && watch.ready.is_some() {
                 if let Some(h) = hook.as_mut() {
                     let bytes = h(pid as u32);
@@ -212,6 +235,10 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
         }
         if fds[2].revents != 0 && exited.is_none() {
             exited = Some(t0.elapsed());
+            if stopped {
+                // What it left behind in its group goes too.
+                kill_group(pid);
+            }
         }
         if exited.is_some() {
             break;
@@ -250,6 +277,7 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
         max_rss_kib,
         stdout: watch.out.buf,
         stderr: watch.err.buf,
+        stopped,
     })
 }
 
@@ -411,6 +439,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             marker: marker.into(),
             timeout: Duration::from_millis(timeout_ms),
+            stop_at_ready: false,
         }
     }
 
@@ -457,6 +486,27 @@ mod tests {
     }
 
     #[test]
+    fn stop_at_ready_terminates_and_counts_as_good() {
+        let mut spec = sh("echo 'x: ready'; sleep 30", "x: ready", 10_000);
+        spec.stop_at_ready = true;
+        let start = Instant::now();
+        let t = run(&spec).unwrap();
+        assert!(t.ok() && t.stopped);
+        assert_eq!(t.ending, Ending::Signal(libc::SIGTERM));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // One that ignores SIGTERM is killed a second later.
+        let mut spec = sh(
+            "trap '' TERM; echo 'x: ready'; sleep 30",
+            "x: ready",
+            10_000,
+        );
+        spec.stop_at_ready = true;
+        let t = run(&spec).unwrap();
+        assert!(t.ok());
+        assert!(t.exit >= Duration::from_secs(1) && t.exit < Duration::from_secs(5));
+    }
+
+    #[test]
     fn hook_sees_the_pid_and_feeds_stdin() {
         let mut seen = 0;
         let mut hook = |pid: u32| {
@@ -484,6 +534,7 @@ mod tests {
             args: vec![],
             marker: "x".into(),
             timeout: Duration::from_secs(1),
+            stop_at_ready: false,
         };
         assert!(matches!(run(&spec), Err(TrialError::Spawn { .. })));
     }
