@@ -7,7 +7,10 @@
  *   ro      the same read, then a write that must fail: `blk: write status 1`.
  *   hostile sends malformed chains, printing `blk: hostile NAME status S len L` for each (S 255:
  *           the device returned the chain without writing a status), then a valid read.
- * Every line starts with `blk: `; the last is `blk: done`. */
+ *   bench   a disk benchmark with as few guest instructions per byte as possible (on kvm_pvm guest
+ *           code is ~1000x slower, the device's copies are not): see mode_bench().
+ * Every line starts with `blk: ` (`bench: ` for the benchmark's phase lines); the last is
+ * `blk: done`. */
 #include "rt.h"
 
 #define REG_MAGIC 0x000
@@ -48,7 +51,10 @@
 #define D_NEXT 1
 #define D_WRITE 2
 
+/* The queue size the rw, ro and hostile modes use (the hostile chains count on it), and the
+ * largest, which the benchmark uses: its requests carry up to QN_MAX - 2 data segments. */
 #define QN 8
+#define QN_MAX 256
 #define READ_SECTORS 16
 #define NO_STATUS 0xff
 /* Not guest RAM for any --memory up to 3 GiB: above the 4 GiB line, below where RAM resumes. */
@@ -61,11 +67,13 @@ struct desc {
 	u16 next;
 };
 
-static struct desc descs[QN] __attribute__((aligned(16)));
+/* Sized for QN_MAX; the driver uses the first `qn` entries (EVENT_IDX is not negotiated, so
+ * used_event and avail_event are never read). */
+static struct desc descs[QN_MAX] __attribute__((aligned(16)));
 static struct {
 	u16 flags;
 	u16 idx;
-	u16 ring[QN];
+	u16 ring[QN_MAX];
 	u16 used_event;
 } avail __attribute__((aligned(4)));
 static struct {
@@ -74,9 +82,10 @@ static struct {
 	struct {
 		u32 id;
 		u32 len;
-	} ring[QN];
+	} ring[QN_MAX];
 	u16 avail_event;
 } used __attribute__((aligned(4)));
+static u32 qn = QN;
 
 static struct {
 	u32 type;
@@ -163,9 +172,9 @@ static void init_device(void)
 		fail("device refused our features");
 	wr(REG_QUEUE_SEL, 0);
 	u32 max = rd(REG_QUEUE_NUM_MAX);
-	if (max < QN)
+	if (max < qn)
 		fail("queue too small");
-	wr(REG_QUEUE_NUM, QN);
+	wr(REG_QUEUE_NUM, qn);
 	wr(REG_QUEUE_DESC_LOW, (u32)(u64)descs);
 	wr(REG_QUEUE_DESC_HIGH, (u32)((u64)descs >> 32));
 	wr(REG_QUEUE_AVAIL_LOW, (u32)(u64)&avail);
@@ -181,7 +190,7 @@ static void init_device(void)
  * Returns the used length; fails the guest when the device never answers. */
 static u32 kick(u16 head)
 {
-	avail.ring[avail.idx % QN] = head;
+	avail.ring[avail.idx % qn] = head;
 	barrier();
 	avail.idx++;
 	barrier();
@@ -192,8 +201,8 @@ static u32 kick(u16 head)
 			fail("timed out waiting for the used ring");
 	}
 	barrier();
-	u32 id = used.ring[last_used % QN].id;
-	u32 len = used.ring[last_used % QN].len;
+	u32 id = used.ring[last_used % qn].id;
+	u32 len = used.ring[last_used % qn].len;
 	last_used++;
 	if (id != head)
 		fail("used ring returned another chain");
@@ -206,8 +215,8 @@ struct buf {
 	u16 flags;
 };
 
-/* A NEXT-linked chain of `n` buffers from descriptor 0; returns the used length. */
-static u32 run_chain(const struct buf *b, int n)
+/* Writes a NEXT-linked chain of `n` buffers from descriptor 0. */
+static void set_chain(const struct buf *b, int n)
 {
 	for (int i = 0; i < n; i++) {
 		descs[i].addr = b[i].addr;
@@ -215,6 +224,12 @@ static u32 run_chain(const struct buf *b, int n)
 		descs[i].flags = b[i].flags | (i + 1 < n ? D_NEXT : 0);
 		descs[i].next = (u16)(i + 1);
 	}
+}
+
+/* A NEXT-linked chain of `n` buffers from descriptor 0; returns the used length. */
+static u32 run_chain(const struct buf *b, int n)
+{
+	set_chain(b, n);
 	return kick(0);
 }
 
@@ -397,6 +412,188 @@ static void mode_hostile(void)
 	read_and_checksum("valid-read");
 }
 
+/* ---- bench ----
+ * On kvm_pvm a guest instruction costs ~1000x its native time but the device moves the data into
+ * guest memory on the host, so the benchmark keeps guest work per byte tiny: 1 MiB requests whose
+ * chain is built once per phase (only the header's sector changes), one request in flight, the
+ * used ring polled. Phases, in order, each framed by `bench: NAME start` and `bench: NAME done`
+ * lines that the host timestamps as they arrive (scripts/bench-disk.sh), then
+ * `bench: NAME bytes B requests R tsc T` (T: RDTSC ticks between the two lines):
+ *   seq-read   the whole disk, front to back
+ *   seq-write  the whole disk again, each request writing the 1 MiB buffer (after seq-read it
+ *              holds the disk's last MiB, so the host can check every MiB of the image after)
+ *   flush      one VIRTIO_BLK_T_FLUSH
+ *   rand-read  `blk.rand=N` (default 10000) 4 KiB reads at 4 KiB-aligned offsets drawn by an LCG
+ *              (Knuth's MMIX constants, seed 1: block = (x >> 33) % blocks), the same sequence as
+ *              the host-side driver and baseline (devices/examples/blk_bench.rs)
+ * `blk.seg=BYTES` (default 8192, a multiple of 512) sets the data segment size of the 1 MiB
+ * requests: 128 segments by default, like a Linux driver's scatter list of non-contiguous pages. */
+
+#define BENCH_REQ (1u << 20)
+#define BENCH_BLOCK 4096u
+
+static u8 bench_buf[BENCH_REQ] __attribute__((aligned(4096)));
+static struct buf bench_bufs[QN_MAX];
+
+static u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)hi << 32 | lo;
+}
+
+/* The decimal value of `key`, `def` when absent or not a plain number. */
+static u64 param_u64(const char *key, u64 def)
+{
+	const char *v = param(key);
+	if (!v || !*v)
+		return def;
+	u64 n = 0;
+	for (; *v; v++) {
+		if (*v < '0' || *v > '9')
+			return def;
+		n = n * 10 + (u64)(*v - '0');
+	}
+	return n;
+}
+
+/* Header, `bytes` of bench_buf as segments of `seg` bytes (device-writable when `data_flags` is
+ * D_WRITE), status: the chain of every request of a phase. */
+static void bench_chain(u16 data_flags, u32 bytes, u32 seg)
+{
+	int n = 0;
+	bench_bufs[n++] = (struct buf){ (u64)&hdr, 16, 0 };
+	for (u32 off = 0; off < bytes; off += seg)
+		bench_bufs[n++] = (struct buf){ (u64)bench_buf + off, bytes - off < seg ? bytes - off : seg,
+						data_flags };
+	bench_bufs[n++] = (struct buf){ (u64)&status, 1, D_WRITE };
+	set_chain(bench_bufs, n);
+}
+
+static u64 bench_start(const char *name)
+{
+	puts("bench: ");
+	puts(name);
+	puts(" start\n");
+	return rdtsc();
+}
+
+/* The `done` line goes out first and alone, so its arrival on the host marks the phase's end. */
+static void bench_done(const char *name, u64 t0, u64 bytes, u64 requests)
+{
+	u64 ticks = rdtsc() - t0;
+	puts("bench: ");
+	puts(name);
+	puts(" done\n");
+	puts("bench: ");
+	puts(name);
+	puts(" bytes ");
+	put_dec(bytes);
+	puts(" requests ");
+	put_dec(requests);
+	puts(" tsc ");
+	put_dec(ticks);
+	nl();
+}
+
+static void bench_check(const char *name, u64 sector, u32 len, u32 want)
+{
+	if (status == 0 && len == want)
+		return;
+	puts("bench: ");
+	puts(name);
+	puts(" failed at sector ");
+	put_dec(sector);
+	puts(" status ");
+	put_dec(status);
+	puts(" len ");
+	put_dec(len);
+	nl();
+	fail("benchmark request failed");
+}
+
+/* The whole disk in BENCH_REQ requests of `type` (T_IN or T_OUT). */
+static void bench_seq(const char *name, u32 type, u32 seg)
+{
+	const u64 per = BENCH_REQ / 512;
+	const u16 flags = type == T_IN ? D_WRITE : 0;
+	u32 bytes = BENCH_REQ;
+	u64 requests = 0;
+	hdr.type = type;
+	hdr.ioprio = 0;
+	bench_chain(flags, bytes, seg);
+	u64 t0 = bench_start(name);
+	for (u64 s = 0; s < capacity; s += per) {
+		if (capacity - s < per) {
+			bytes = (u32)((capacity - s) * 512);
+			bench_chain(flags, bytes, seg);
+		}
+		hdr.sector = s;
+		status = NO_STATUS;
+		u32 len = kick(0);
+		bench_check(name, s, len, type == T_IN ? bytes + 1 : 1);
+		requests++;
+	}
+	bench_done(name, t0, capacity * 512, requests);
+}
+
+static void bench_flush(void)
+{
+	struct buf c[2] = { { (u64)&hdr, 16, 0 }, { (u64)&status, 1, D_WRITE } };
+	hdr.type = T_FLUSH;
+	hdr.sector = 0;
+	set_chain(c, 2);
+	u64 t0 = bench_start("flush");
+	status = NO_STATUS;
+	u32 len = kick(0);
+	bench_check("flush", 0, len, 1);
+	bench_done("flush", t0, 0, 1);
+}
+
+static void bench_rand(u64 count)
+{
+	const u64 blocks = capacity / (BENCH_BLOCK / 512);
+	u64 x = 1;
+	hdr.type = T_IN;
+	hdr.ioprio = 0;
+	bench_chain(D_WRITE, BENCH_BLOCK, BENCH_BLOCK);
+	u64 t0 = bench_start("rand-read");
+	for (u64 i = 0; i < count; i++) {
+		x = x * 6364136223846793005ul + 1442695040888963407ul;
+		u64 sector = ((x >> 33) % blocks) * (BENCH_BLOCK / 512);
+		hdr.sector = sector;
+		status = NO_STATUS;
+		u32 len = kick(0);
+		bench_check("rand-read", sector, len, BENCH_BLOCK + 1);
+	}
+	bench_done("rand-read", t0, count * BENCH_BLOCK, count);
+}
+
+static void mode_bench(void)
+{
+	u64 seg = param_u64("blk.seg=", 8192);
+	u64 count = param_u64("blk.rand=", 10000);
+	if (!seg || seg % 512 || seg > BENCH_REQ || BENCH_REQ / seg > QN_MAX - 2)
+		fail("blk.seg= must be a multiple of 512 that splits 1 MiB into at most 254 segments");
+	u32 seg_max = rd(REG_CONFIG + 12);
+	if (BENCH_REQ / seg > seg_max)
+		fail("the device's seg_max is below the segments per request");
+	if (capacity < BENCH_REQ / 512)
+		fail("the benchmark needs a disk of at least 1 MiB");
+	puts("bench: request ");
+	put_dec(BENCH_REQ);
+	puts(" segments ");
+	put_dec(BENCH_REQ / seg);
+	puts(" of ");
+	put_dec(seg);
+	nl();
+	bench_seq("seq-read", T_IN, (u32)seg);
+	bench_seq("seq-write", T_OUT, (u32)seg);
+	if (features & F_BLK_FLUSH)
+		bench_flush();
+	bench_rand(count);
+}
+
 void gmain(void *boot)
 {
 	(void)boot;
@@ -405,6 +602,10 @@ void gmain(void *boot)
 	base = find_device(index);
 	if (!base)
 		fail("no virtio_mmio.device= word for this device on the command line");
+	const char *mode = param("blk.mode=");
+	int bench = mode && streq(mode, "bench");
+	if (bench)
+		qn = QN_MAX;
 	init_device();
 	puts("blk: capacity ");
 	put_dec(capacity);
@@ -414,8 +615,9 @@ void gmain(void *boot)
 	nl();
 	print_id();
 
-	const char *mode = param("blk.mode=");
-	if (mode && streq(mode, "hostile")) {
+	if (bench) {
+		mode_bench();
+	} else if (mode && streq(mode, "hostile")) {
 		mode_hostile();
 	} else {
 		read_and_checksum("read");
