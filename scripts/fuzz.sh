@@ -63,6 +63,7 @@ fi
 
 mkdir -p artifacts
 failed=0
+failed_targets=0
 printf '\n%-20s %12s %8s %s\n' target executions crashes notes
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
@@ -88,12 +89,16 @@ for t in "${targets[@]}"; do
         notes="$notes; CRASH: fuzz/$art"
         grep -E 'panicked at|^SUMMARY|ERROR: ' "$work/$t.log" | head -5 >&2
     fi
-    [ "$crashes" -eq 0 ] || failed=1
+    if [ "$crashes" -ne 0 ]; then
+        failed=1
+        failed_targets=$((failed_targets + 1))
+    fi
     printf '%-20s %12s %8s %s\n' "$t" "${execs:-?}" "$crashes" "$notes"
 done
 t2=$(date +%s)
 echo "fuzz: build $((t1 - t0)) s, fuzzing $((t2 - t1)) s (${secs} s per target)"
 echo "fuzz: reproduce with: scripts/fuzz.sh $secs ${targets[*]}"
+echo "fuzz: $((${#targets[@]} - failed_targets)) passed, $failed_targets failed"
 if [ "$failed" -ne 0 ]; then
     echo "fuzz: FAILED: a target crashed" >&2
     exit 1

@@ -17,6 +17,8 @@ trap 'rm -f "$log"' EXIT
 cargo test --release --workspace --no-fail-fast -- --test-threads="${EMBER_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 t2=$(date +%s)
+# A short fuzz pass over what guests and users control (scripts/fuzz.sh; about 3 min plus build).
+if [ "$status" -eq 0 ]; then scripts/fuzz.sh "${EMBER_FUZZ_SECONDS:-20}"; fi
 
 # Parallel tests interleave their output, so count occurrences rather than whole lines; a failed
 # test fails the run through $status anyway.
