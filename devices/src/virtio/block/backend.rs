@@ -102,6 +102,29 @@ impl DiskImage {
         self.file.write_all_at(buf, offset)
     }
 
+    /// One preadv(2) into `iovs` from `offset`; returns the bytes read (short at end of file).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for writes for the whole call and that no
+    /// Rust reference points into.
+    pub unsafe fn preadv(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<usize> {
+        let (offset, count) = vectored_args(iovs, offset)?;
+        // SAFETY: the caller vouches for the buffers; the fd is ours and open.
+        let n = unsafe { libc::preadv(self.file.as_raw_fd(), iovs.as_ptr(), count, offset) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// One pwritev(2) of `iovs` at `offset`; returns the bytes written.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for reads for the whole call.
+    pub unsafe fn pwritev(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<usize> {
+        let (offset, count) = vectored_args(iovs, offset)?;
+        // SAFETY: the caller vouches for the buffers; the fd is ours and open.
+        let n = unsafe { libc::pwritev(self.file.as_raw_fd(), iovs.as_ptr(), count, offset) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
     /// Returns once every completed write is on stable storage.
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -151,6 +174,16 @@ impl DiskImage {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+}
+
+fn vectored_args(iovs: &[libc::iovec], offset: u64) -> io::Result<(libc::off_t, libc::c_int)> {
+    match (
+        libc::off_t::try_from(offset),
+        libc::c_int::try_from(iovs.len()),
+    ) {
+        (Ok(offset), Ok(count)) => Ok((offset, count)),
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
     }
 }
 

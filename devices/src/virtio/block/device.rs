@@ -2,7 +2,7 @@
 //! queue on the event loop.
 
 use std::io;
-use std::mem::{offset_of, size_of};
+use std::mem::{offset_of, size_of, MaybeUninit};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlockError, DiskImage, SECTOR_SIZE};
 use super::request::{
@@ -26,8 +26,9 @@ use crate::virtio::{ActivateError, GuestLog, Interrupt, VirtioDevice, VIRTIO_MMI
 /// The request queue's size. SEG_MAX leaves room for the header and status descriptors.
 pub const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Data moves through a bounce buffer of at most this size, whatever the guest's segment sizes.
-const CHUNK: usize = 1 << 20;
+/// iovecs per preadv/pwritev: a whole request's segments (at most SEG_MAX, more only where one
+/// crosses a guest memory region boundary) in one call, on the stack. Below IOV_MAX (1024).
+const IOV_BATCH: usize = QUEUE_SIZE as usize;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX;
 
 pub struct Block {
@@ -36,7 +37,6 @@ pub struct Block {
     config: Vec<u8>,
     queue_sizes: [u16; 1],
     active: Option<Active>,
-    bounce: Vec<u8>,
     log: GuestLog,
 }
 
@@ -70,7 +70,6 @@ impl Block {
             config,
             queue_sizes: [QUEUE_SIZE],
             active: None,
-            bounce: Vec::new(),
             log: GuestLog::new("virtio-blk"),
         })
     }
@@ -199,11 +198,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize) {
         let Block {
-            disk,
-            active,
-            bounce,
-            log,
-            ..
+            disk, active, log, ..
         } = self;
         let Some(active) = active.as_mut() else {
             return;
@@ -211,7 +206,7 @@ impl VirtioDevice for Block {
         if index != 0 || active.broken {
             return;
         }
-        match serve(disk, active, bounce, log) {
+        match serve(disk, active, log) {
             Ok(true) => active.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) => {
@@ -227,7 +222,6 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
-        self.bounce = Vec::new();
     }
 }
 
@@ -236,7 +230,6 @@ impl VirtioDevice for Block {
 fn serve(
     disk: &DiskImage,
     active: &mut Active,
-    bounce: &mut Vec<u8>,
     log: &mut GuestLog,
 ) -> Result<bool, virtio_queue::Error> {
     let Active {
@@ -254,7 +247,7 @@ fn serve(
                 ));
                 continue;
             }
-            let used_len = handle_chain(disk, mem, limits, bounce, log, collect_chain(chain));
+            let used_len = handle_chain(disk, mem, limits, log, collect_chain(chain));
             queue.add_used(mem, head, used_len)?;
             used_any = true;
         }
@@ -271,7 +264,6 @@ fn handle_chain(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
     limits: &DiskLimits,
-    bounce: &mut Vec<u8>,
     log: &mut GuestLog,
     descs: Result<Vec<virtio_queue::desc::split::Descriptor>, super::ChainError>,
 ) -> u32 {
@@ -280,7 +272,7 @@ fn handle_chain(
         .and_then(|d| parse_descriptors(mem, &d, limits));
     let (status_addr, status, written) = match parsed {
         Ok(request) => {
-            let (status, written) = execute(disk, mem, bounce, &request);
+            let (status, written) = execute(disk, mem, &request);
             (request.status, status, written)
         }
         Err(ParseError::Rejected { status, reason }) => {
@@ -305,18 +297,13 @@ fn handle_chain(
 
 /// Runs a checked request. Returns the status and the number of data bytes written to the
 /// driver's buffers.
-fn execute(
-    disk: &DiskImage,
-    mem: &GuestMemoryMmap,
-    bounce: &mut Vec<u8>,
-    request: &Request,
-) -> (u8, u32) {
+fn execute(disk: &DiskImage, mem: &GuestMemoryMmap, request: &Request) -> (u8, u32) {
     let result = match &request.kind {
         RequestKind::Read { sector, segments } => {
-            transfer(disk, mem, bounce, *sector, segments, Direction::ToGuest)
+            transfer(disk, mem, *sector, segments, Direction::ToGuest)
         }
         RequestKind::Write { sector, segments } => {
-            transfer(disk, mem, bounce, *sector, segments, Direction::ToDisk).map(|_| 0)
+            transfer(disk, mem, *sector, segments, Direction::ToDisk).map(|_| 0)
         }
         RequestKind::Flush => disk.flush().map(|_| 0),
         RequestKind::GetId { segments } => write_id(disk, mem, segments),
@@ -363,46 +350,114 @@ enum Direction {
     ToDisk,
 }
 
-/// Moves the request's data between the disk and guest memory through the bounce buffer.
-/// Returns the bytes written to guest memory.
+/// Moves the request's data between the disk and guest memory: preadv/pwritev straight from or
+/// into guest RAM, one call for a whole request (one per IOV_BATCH pieces at most). Returns the
+/// bytes written to guest memory.
 fn transfer(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
-    bounce: &mut Vec<u8>,
     sector: u64,
     segments: &[Segment],
     direction: Direction,
 ) -> io::Result<u32> {
+    // Left uninitialised: zeroing 4 KiB of iovecs per request showed up in profiles of 4 KiB reads.
+    let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_BATCH];
+    let mut n = 0;
     // The parser checked sector + length against the disk size.
     let mut offset = sector * SECTOR_SIZE;
-    let mut written = 0u32;
+    let mut moved = 0u64;
     for seg in segments {
-        let mut done = 0usize;
-        let len = seg.len as usize;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            if bounce.len() < n {
-                bounce.resize(n, 0);
+        // The parser checked each segment lies in guest RAM; a segment crossing from one region
+        // into the next comes back as two slices.
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            let slice = slice.map_err(io::Error::other)?;
+            if slice.is_empty() {
+                continue;
             }
-            let buf = &mut bounce[..n];
-            // Inside a segment the parser checked to lie in guest memory: cannot wrap.
-            let addr = GuestAddress(seg.addr.0 + done as u64);
-            match direction {
-                Direction::ToGuest => {
-                    disk.read_exact_at(buf, offset)?;
-                    mem.write_slice(buf, addr).map_err(io::Error::other)?;
-                    written = written.saturating_add(n as u32);
-                }
-                Direction::ToDisk => {
-                    mem.read_slice(buf, addr).map_err(io::Error::other)?;
-                    disk.write_all_at(buf, offset)?;
-                }
+            if n == IOV_BATCH {
+                let done = transfer_all(disk, filled(&mut iovs, n), offset, direction)?;
+                offset += done;
+                moved += done;
+                n = 0;
             }
-            done += n;
-            offset += n as u64;
+            iovs[n].write(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            n += 1;
         }
     }
-    Ok(written)
+    if n > 0 {
+        moved += transfer_all(disk, filled(&mut iovs, n), offset, direction)?;
+    }
+    Ok(match direction {
+        // A request is under 4 GiB: virtio-queue stops following a chain there.
+        Direction::ToGuest => u32::try_from(moved).unwrap_or(u32::MAX),
+        Direction::ToDisk => 0,
+    })
+}
+
+/// The first `n` entries of `iovs`, which the caller has written.
+fn filled(iovs: &mut [MaybeUninit<libc::iovec>], n: usize) -> &mut [libc::iovec] {
+    let n = n.min(iovs.len());
+    // SAFETY: MaybeUninit<T> has T's layout, and the caller initialised the first n entries.
+    unsafe { std::slice::from_raw_parts_mut(iovs.as_mut_ptr().cast(), n) }
+}
+
+/// Moves all of `iovs` at `offset`, going on after short transfers (a huge request, a signal).
+/// Returns the bytes moved.
+fn transfer_all(
+    disk: &DiskImage,
+    iovs: &mut [libc::iovec],
+    mut offset: u64,
+    direction: Direction,
+) -> io::Result<u64> {
+    let mut moved = 0u64;
+    let mut first = 0;
+    while first < iovs.len() {
+        let left = &iovs[first..];
+        // SAFETY: every iovec is a slice of guest RAM that `transfer` got from the memory map it
+        // borrows for this whole call, so the mappings stay put. Guest RAM is shared with the
+        // vCPUs and is only ever accessed through volatile copies, never through Rust references.
+        let r = unsafe {
+            match direction {
+                Direction::ToGuest => disk.preadv(left, offset),
+                Direction::ToDisk => disk.pwritev(left, offset),
+            }
+        };
+        let n = match r {
+            // The image shrank under us (someone else truncated it): not the guest's doing.
+            Ok(0) => {
+                return Err(match direction {
+                    Direction::ToGuest => io::ErrorKind::UnexpectedEof.into(),
+                    Direction::ToDisk => io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        moved += n as u64;
+        offset += n as u64;
+        first = advance(iovs, first, n);
+    }
+    Ok(moved)
+}
+
+/// Consumes `n` transferred bytes from `iovs[first..]`: whole iovecs are skipped and a partly
+/// done one is trimmed to what is left. Returns the new first iovec's index.
+fn advance(iovs: &mut [libc::iovec], mut first: usize, mut n: usize) -> usize {
+    while let Some(iov) = iovs.get_mut(first) {
+        if n < iov.iov_len {
+            // SAFETY: n is inside this iovec's buffer, so the pointer stays in it.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+            iov.iov_len -= n;
+            break;
+        }
+        n -= iov.iov_len;
+        first += 1;
+    }
+    first
 }
 
 fn write_id(disk: &DiskImage, mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<u32> {
@@ -415,4 +470,42 @@ fn write_id(disk: &DiskImage, mem: &GuestMemoryMmap, segments: &[Segment]) -> io
         done += n;
     }
     Ok(done as u32)
+}
+
+#[cfg(test)]
+mod transfer_tests {
+    use super::*;
+
+    #[test]
+    fn advance_skips_done_iovecs_and_trims_a_partly_done_one() {
+        let mut buf = [0u8; 64];
+        let base = buf.as_mut_ptr();
+        // SAFETY: offsets inside buf.
+        let at = |o: usize| unsafe { base.add(o) }.cast::<libc::c_void>();
+        let mut iovs = [
+            libc::iovec {
+                iov_base: at(0),
+                iov_len: 16,
+            },
+            libc::iovec {
+                iov_base: at(16),
+                iov_len: 8,
+            },
+            libc::iovec {
+                iov_base: at(32),
+                iov_len: 32,
+            },
+        ];
+        assert_eq!(advance(&mut iovs, 0, 0), 0);
+        assert_eq!((iovs[0].iov_base, iovs[0].iov_len), (at(0), 16));
+        // All of the first and 3 bytes into the second.
+        assert_eq!(advance(&mut iovs, 0, 19), 1);
+        assert_eq!((iovs[1].iov_base, iovs[1].iov_len), (at(19), 5));
+        // Exactly the rest of the second.
+        assert_eq!(advance(&mut iovs, 1, 5), 2);
+        assert_eq!((iovs[2].iov_base, iovs[2].iov_len), (at(32), 32));
+        assert_eq!(advance(&mut iovs, 2, 31), 2);
+        assert_eq!((iovs[2].iov_base, iovs[2].iov_len), (at(63), 1));
+        assert_eq!(advance(&mut iovs, 2, 1), 3);
+    }
 }

@@ -110,7 +110,24 @@ impl Driver {
     }
 
     fn with_image(image: TempFile, readonly: bool, id: Option<&str>, features: u64) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Self::with_memory(
+            image,
+            &[(GuestAddress(0), MEM_SIZE)],
+            readonly,
+            id,
+            features,
+        )
+    }
+
+    /// Guest RAM made of `ranges`; the first must hold the rings, HDR, STATUS and DATA.
+    fn with_memory(
+        image: TempFile,
+        ranges: &[(GuestAddress, usize)],
+        readonly: bool,
+        id: Option<&str>,
+        features: u64,
+    ) -> Self {
+        let mem = GuestMemoryMmap::<()>::from_ranges(ranges).unwrap();
         let mut block = Block::new(&DiskConfig {
             path: image.as_path().to_path_buf(),
             readonly,
@@ -297,6 +314,54 @@ fn multi_segment_read_returns_the_image_bytes() {
     assert_eq!(d.guest_bytes(DATA + 0x3000, 1536), want[1536..]);
     assert_ne!(d.interrupt.status() & VIRTIO_MMIO_INT_VRING, 0);
     assert_eq!(d.interrupt.eventfd().read().unwrap(), 1);
+}
+
+/// One segment over hundreds of guest memory regions: the device moves it piece by piece, more
+/// pieces than it hands the kernel in one preadv/pwritev, and every byte lands where it belongs.
+#[test]
+fn a_segment_across_many_memory_regions_reads_and_writes_every_byte() {
+    const REGIONS: u64 = 300;
+    const PIECE: u64 = 0x1000;
+    let sectors = 4096;
+    let mut ranges = vec![(GuestAddress(0), MEM_SIZE)];
+    ranges
+        .extend((0..REGIONS).map(|i| (GuestAddress(MEM_SIZE as u64 + i * PIECE), PIECE as usize)));
+    let mut d = Driver::with_memory(image(sectors), &ranges, false, None, ALL_FEATURES);
+    // Starts inside the first small region and ends inside the last one.
+    let addr = MEM_SIZE as u64 + 0x200;
+    let len = (REGIONS - 1) * PIECE;
+    let (status, used) = d.request(VIRTIO_BLK_T_IN, 8, &[(addr, len as u32, W)]);
+    assert_eq!((status, used), (OK, len as u32 + 1));
+    assert_eq!(
+        d.guest_bytes(addr, len as usize),
+        d.file_bytes(8 * 512, len as usize)
+    );
+
+    let data = pattern(len as usize, 42);
+    d.mem.write_slice(&data, GuestAddress(addr)).unwrap();
+    let (status, used) = d.request(VIRTIO_BLK_T_OUT, 1000, &[(addr, len as u32, R)]);
+    assert_eq!((status, used), (OK, 1));
+    assert_eq!(d.file_bytes(1000 * 512, len as usize), data);
+    assert_eq!(
+        d.file_bytes(999 * 512, 512),
+        pattern((sectors * 512) as usize, 7)[999 * 512..1000 * 512],
+        "the sector before the write"
+    );
+}
+
+/// Another process truncating the image under a running VM: the read comes up short, and the
+/// driver gets an I/O error rather than a success with stale bytes.
+#[test]
+fn the_image_shrinking_under_a_read_is_an_io_error() {
+    let mut d = Driver::new(false, None, ALL_FEATURES);
+    d.image.as_file().set_len(40 * 512 + 256).unwrap();
+    let (status, used) = d.request(
+        VIRTIO_BLK_T_IN,
+        36,
+        &[(DATA, 2048, W), (DATA + 0x1000, 2048, W)],
+    );
+    assert_eq!((status, used), (IOERR, 1));
+    d.assert_still_serving();
 }
 
 #[test]
