@@ -324,7 +324,7 @@ impl Driver {
 
 fn device(o: &Options) -> Result<()> {
     let seg = o.seg as usize;
-    if seg == 0 || seg % SECTOR as usize != 0 || REQUEST / seg > QUEUE_SIZE as usize - 2 {
+    if seg == 0 || !seg.is_multiple_of(SECTOR as usize) || REQUEST / seg > QUEUE_SIZE as usize - 2 {
         return Err("--seg must be a multiple of 512 that splits 1 MiB into at most 254".into());
     }
     let mut d = Driver::new(&o.image)?;
