@@ -508,3 +508,104 @@ fn initramfs_poweroff_makes_ember_exit_0() {
         b.transcript()
     );
 }
+
+/// Issue 3's ext4 check (hardware KVM only): Linux mounts the kit's ext4 disk read-write through
+/// Ember's virtio-blk, verifies hello.txt against hello.sha256, writes a file, syncs, unmounts and
+/// powers off; then the host finds the file with debugfs and e2fsck finds the filesystem clean.
+/// The guest side is scripts/kit/init's `ember.kit=disktest`.
+#[test]
+fn ext4_disk_checksum_write_sync_poweroff_then_host_reads_it_and_fsck_is_clean() {
+    const TEST: &str =
+        "ext4_disk_checksum_write_sync_poweroff_then_host_reads_it_and_fsck_is_clean";
+    if skip_unless_hardware_kvm(TEST) {
+        return;
+    }
+    // A copy: the kit's image must stay as kit.sh built it.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernels-scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join(format!("{}-disktest.ext4", std::process::id()));
+    std::fs::copy(kit_file("rootfs.ext4"), &img).unwrap();
+    // Unique per run, so the file the host finds can only have been written by this boot.
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let kernel = kit_file("vmlinux");
+    let initramfs = kit_file("initramfs.cpio");
+    let cmdline = cmdline(&format!("ember.kit=disktest ember.kit.token={token}"));
+    let disk = format!("path={}", img.display());
+    let expect = [
+        Expect::new("ember-kit: ready", &["ember-kit: ready"]),
+        Expect::new("ember-kit: mounted vda rw", &["ember-kit: mounted vda rw"]),
+        Expect::new("ember-kit: sha ok", &["ember-kit: sha ok"]),
+        Expect::new("ember-kit: disk done", &["ember-kit: disk done"]),
+        Expect::new("reboot: Power down", &["reboot: Power down"]),
+    ];
+    let b = boot(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "256M",
+            "--disk",
+            &disk,
+        ],
+        &expect,
+        Until::Exit,
+        None,
+        DEADLINE,
+    );
+    b.assert_all_seen(TEST, &expect);
+    for bad in ["ember-kit: sha bad", "ember-kit: disktest failed"] {
+        assert!(
+            !b.lines.iter().any(|(_, l)| l.contains(bad)),
+            "{TEST}: the guest printed {bad:?}\n{}",
+            b.transcript()
+        );
+    }
+    assert!(
+        matches!(b.status, Some(s) if s.success()),
+        "{TEST}: ember should exit 0 when the guest powers off\n{}",
+        b.transcript()
+    );
+
+    // The host's view of the image Ember has closed. Both tools come with e2fsprogs
+    // (scripts/deps.sh); the image is kept for inspection when an assertion fails.
+    let debugfs = Command::new("debugfs")
+        .args(["-R", "cat /written.txt"])
+        .arg(&img)
+        .output()
+        .expect("debugfs is installed (e2fsprogs, scripts/deps.sh)");
+    let written = String::from_utf8_lossy(&debugfs.stdout);
+    assert!(
+        debugfs.status.success() && written == format!("ember-kit disktest {token}\n"),
+        "{TEST}: debugfs -R 'cat /written.txt' {} gave {:?} (stdout {written:?}, stderr {:?}), \
+         want the line the guest wrote with token {token}",
+        img.display(),
+        debugfs.status,
+        String::from_utf8_lossy(&debugfs.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck is installed (e2fsprogs, scripts/deps.sh)");
+    assert_eq!(
+        fsck.status.code(),
+        Some(0),
+        "{TEST}: e2fsck -fn {} is not clean\nstdout:\n{}\nstderr:\n{}",
+        img.display(),
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    std::fs::remove_file(&img).unwrap();
+}
