@@ -327,11 +327,12 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             y += 16.0;
             let _ = writeln!(
                 o,
-                r##"<text x="16" y="{y}" font-size="12">{} own memory: {:.2} MiB (peak RSS {:.2} MiB − guest RAM resident {:.2} MiB)</text>"##,
+                r##"<text x="16" y="{y}" font-size="12">{} own memory: {:.2} MiB (peak RSS {:.2} MiB − guest RAM resident {:.2} MiB; PSS {:.2} MiB)</text>"##,
                 k.name(),
                 mib(mem.own as f64),
                 mib(mem.peak_rss as f64),
-                mib(mem.guest_rss as f64)
+                mib(mem.guest_rss as f64),
+                mib(mem.own_pss as f64)
             );
         }
     }

@@ -19,6 +19,9 @@ pub struct VmmMemory {
     pub own: u64,
     pub rss_anon: u64,
     pub rss_file: u64,
+    /// Proportional set size at the ready line minus guest RAM resident: shared library pages
+    /// count for their share only (the RSS figure counts them whole).
+    pub own_pss: u64,
     /// The mapping found as guest RAM, for the report (size in KiB).
     pub guest_mapping_kib: u64,
     pub runs: usize,
@@ -31,6 +34,7 @@ pub struct Snapshot {
     pub guest_mapping_kib: u64,
     pub rss_anon: u64,
     pub rss_file: u64,
+    pub pss: u64,
 }
 
 /// Runs `spec` `runs` times (each writing `quit` to the guest console once ready) and keeps the
@@ -54,6 +58,7 @@ pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<
             own: t.max_rss_kib.saturating_sub(s.guest_rss),
             rss_anon: s.rss_anon,
             rss_file: s.rss_file,
+            own_pss: s.pss.saturating_sub(s.guest_rss),
             guest_mapping_kib: s.guest_mapping_kib,
             runs: 0,
         });
@@ -71,6 +76,8 @@ fn snapshot(pid: u32, guest_bytes: u64) -> Result<Snapshot, String> {
         .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    // smaps_rollup: the kernel sums Pss for us (its absence only loses the PSS figure).
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let (guest_mapping_kib, guest_rss) = guest_mapping(&smaps, guest_bytes)
         .ok_or_else(|| format!("no anonymous mapping of {} KiB or more", guest_bytes / 1024))?;
     Ok(Snapshot {
@@ -78,6 +85,7 @@ fn snapshot(pid: u32, guest_bytes: u64) -> Result<Snapshot, String> {
         guest_mapping_kib,
         rss_anon: status_kib(&status, "RssAnon:").unwrap_or(0),
         rss_file: status_kib(&status, "RssFile:").unwrap_or(0),
+        pss: status_kib(&rollup, "Pss:").unwrap_or(0),
     })
 }
 

@@ -188,14 +188,15 @@ pub fn text(r: &ModeResult) -> String {
                 let _ = writeln!(
                     o,
                     "{} own memory: {:.2} MiB = peak RSS {:.2} MiB - guest RAM resident {:.2} MiB \
-                     (at the ready line: RssAnon {:.2} MiB incl. guest RAM, RssFile {:.2} MiB; \
-                     interactive probe guest, median of {})",
+                     (at the ready line: RssAnon {:.2} MiB incl. guest RAM, RssFile {:.2} MiB, \
+                     PSS without guest RAM {:.2} MiB; interactive probe guest, median of {})",
                     kind.name(),
                     mib(m.own as f64),
                     mib(m.peak_rss as f64),
                     mib(m.guest_rss as f64),
                     mib(m.rss_anon as f64),
                     mib(m.rss_file as f64),
+                    mib(m.own_pss as f64),
                     m.runs
                 );
             }
@@ -373,13 +374,14 @@ pub fn json(r: &Report) -> String {
             .iter()
             .map(|(k, v)| match v {
                 Ok(v) => format!(
-                    "{{\"system\": {}, \"own_mib\": {:.3}, \"peak_rss_mib\": {:.3}, \"guest_ram_resident_mib\": {:.3}, \"rss_anon_mib\": {:.3}, \"rss_file_mib\": {:.3}, \"guest_mapping_mib\": {:.1}, \"runs\": {}}}",
+                    "{{\"system\": {}, \"own_mib\": {:.3}, \"peak_rss_mib\": {:.3}, \"guest_ram_resident_mib\": {:.3}, \"rss_anon_mib\": {:.3}, \"rss_file_mib\": {:.3}, \"own_pss_mib\": {:.3}, \"guest_mapping_mib\": {:.1}, \"runs\": {}}}",
                     json_string(k.name()),
                     mib(v.own as f64),
                     mib(v.peak_rss as f64),
                     mib(v.guest_rss as f64),
                     mib(v.rss_anon as f64),
                     mib(v.rss_file as f64),
+                    mib(v.own_pss as f64),
                     mib(v.guest_mapping_kib as f64),
                     v.runs
                 ),
