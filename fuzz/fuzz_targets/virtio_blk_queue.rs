@@ -20,16 +20,32 @@ const MEM_SIZE: usize = 0x10_0000;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
+const BUFFERS: u64 = 0x1_0000;
 const SECTORS: u64 = 64;
+
+/// A descriptor, written into the table in order. Addresses mostly point into the buffer area
+/// (so headers and data come from `buffers`); `far` takes the raw address.
+#[derive(Arbitrary, Debug)]
+struct Desc {
+    addr: u32,
+    far: bool,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     size_log2: u8,
     readonly: bool,
     features: u64,
-    /// Guest memory from 0x1000 on: descriptor table, avail ring (0x2000), used ring (0x3000),
-    /// then buffers.
+    /// Raw guest memory from 0x1000 on: descriptor table, avail ring (0x2000), used ring
+    /// (0x3000), then buffers. The structured fields below are written over it.
     memory: Vec<u8>,
+    descs: Vec<Desc>,
+    avail: Vec<u16>,
+    /// Request headers and data, at BUFFERS.
+    buffers: Vec<u8>,
     /// Each round sets avail.idx, then the device serves the queue.
     rounds: Vec<u16>,
     /// Occasionally the rings themselves are placed elsewhere (maybe outside memory).
@@ -55,6 +71,25 @@ fuzz_target!(|input: Input| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let n = input.memory.len().min(MEM_SIZE - DESC as usize);
     mem.write_slice(&input.memory[..n], GuestAddress(DESC)).unwrap();
+    for (i, d) in input.descs.iter().take(256).enumerate() {
+        let addr = if d.far {
+            u64::from(d.addr) << 8
+        } else {
+            BUFFERS + u64::from(d.addr % 0x1_0000)
+        };
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        let len = if d.far { d.len } else { d.len % 0x2_0000 };
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&(d.flags & 0x7).to_le_bytes());
+        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(DESC + 16 * i as u64)).unwrap();
+    }
+    for (i, head) in input.avail.iter().take(256).enumerate() {
+        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * i as u64)).unwrap();
+    }
+    let n = input.buffers.len().min(MEM_SIZE - BUFFERS as usize);
+    mem.write_slice(&input.buffers[..n], GuestAddress(BUFFERS)).unwrap();
 
     let mut block = Block::new(&DiskConfig {
         path: image_path().to_path_buf(),
