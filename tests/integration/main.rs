@@ -3,6 +3,7 @@
 
 mod common;
 
+mod bench;
 mod blk;
 mod cli;
 mod console;

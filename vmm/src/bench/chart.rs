@@ -111,6 +111,13 @@ fn ready_part<'a>(seg: &'a [(&'static str, f64)]) -> &'a [(&'static str, f64)] {
     }
 }
 
+/// An axis label: tick steps are 1, 2 or 5 times a power of ten, so no rounding is needed,
+/// only the float noise of repeated addition removed.
+fn fmt_tick(t: f64) -> String {
+    let s = format!("{t:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 pub fn svg(r: &Report) -> String {
     let mut body = String::new();
     let mut y = 36.0;
@@ -185,7 +192,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{grid_bottom:.1}" stroke="#e9ecef"/><text x="{x:.1}" y="{:.1}" font-size="10" fill="#666" text-anchor="middle">{} ms</text>"##,
             y + 4.0,
             grid_bottom + 12.0,
-            fmt_ms(t)
+            fmt_tick(t)
         );
         t += step;
     }
@@ -356,6 +363,14 @@ mod tests {
         assert_eq!(wrap("aa bb cc", 5), vec!["aa bb", "cc"]);
         assert_eq!(wrap("averylongword x", 4), vec!["averylongword", "x"]);
         assert!(wrap("", 10).is_empty());
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(fmt_tick(50.0), "50");
+        assert_eq!(fmt_tick(0.0), "0");
+        assert_eq!(fmt_tick(0.1 + 0.2), "0.3");
+        assert_eq!(fmt_tick(2.5), "2.5");
     }
 
     #[test]

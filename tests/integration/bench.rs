@@ -1,0 +1,91 @@
+//! `ember bench` end to end, small: the null-guest mode with Ember only (plus a peer that cannot
+//! run here), checking what a user reads: the report, the JSON figures and the SVG chart.
+
+use std::time::Duration;
+
+use crate::common::{self, run_ember};
+
+#[test]
+fn bench_null_guest_reports_figures_json_and_chart() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let svg = dir.join("bench.svg");
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+    let hello = common::guest("hello");
+    let run = run_ember(
+        &[
+            "bench",
+            "--guest",
+            "null",
+            "--null-guest",
+            hello.to_str().unwrap(),
+            // No such runtime on purpose next to a real one: it must be reported, not fatal.
+            "--systems",
+            "ember,docker",
+            "--rounds",
+            "3",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+            "--chart",
+            svg.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(120),
+    );
+    let out = run.ok();
+    let host = if common::kvm_kind() == common::KvmKind::Pvm {
+        "kvm_pvm"
+    } else {
+        "hardware KVM"
+    };
+    assert!(out.contains(&format!("host: {host}")), "{out}");
+    assert!(out.contains("command: ember bench --guest null"), "{out}");
+    // The table row: `ember  GOOD/ALL  min median ...`.
+    let ember = out
+        .lines()
+        .find(|l| {
+            let mut w = l.split_whitespace();
+            w.next() == Some("ember") && w.next().is_some_and(|g| g.contains('/'))
+        })
+        .unwrap_or_else(|| panic!("no ember row:\n{out}"));
+    assert!(ember.contains(" 3/3 "), "{ember}");
+    assert!(out.contains("docker: not run: "), "{out}");
+    assert!(out.contains("ember own memory: "), "{out}");
+
+    let j = std::fs::read_to_string(&json).unwrap();
+    assert!(j.contains("\"system\": \"ember\""), "{j}");
+    assert!(j.contains("\"good_runs\": 3, \"runs\": 3"), "{j}");
+    // The three ready times are real measurements: positive and under the per-run timeout.
+    let samples = j
+        .split("\"ready_ms\": [")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .unwrap();
+    let ready: Vec<f64> = samples.split(',').map(|v| v.parse().unwrap()).collect();
+    assert_eq!(ready.len(), 3, "{samples}");
+    assert!(ready.iter().all(|r| *r > 0.0 && *r < 30_000.0), "{ready:?}");
+
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(s.trim_end().ends_with("</svg>"));
+    assert!(s.contains(">ember</text>"), "no ember bar");
+}
+
+#[test]
+fn bench_refuses_the_linux_mode_on_kvm_pvm_unless_forced() {
+    if common::kvm_kind() != common::KvmKind::Pvm {
+        eprintln!(
+            "SKIPPED bench_refuses_the_linux_mode_on_kvm_pvm_unless_forced: hardware KVM runs it"
+        );
+        return;
+    }
+    let run = run_ember(&["bench", "--guest", "linux"], b"", Duration::from_secs(30));
+    let line = run.user_error();
+    assert!(
+        line.contains("kvm_pvm") && line.contains("--force"),
+        "{line}"
+    );
+}
