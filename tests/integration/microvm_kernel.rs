@@ -87,8 +87,9 @@ fn watch(
     }
     if status.is_none() {
         let _ = child.kill();
-        let _ = child.wait();
     }
+    // Reaps a killed Ember; for one that exited, returns the status wait_deadline already got.
+    let _ = child.wait();
     (lines, status)
 }
 
