@@ -7,8 +7,9 @@
 //! A forbidden call is trapped rather than silently killed, so the user learns which call and
 //! which thread: the SIGSYS handler writes one line to stderr and then makes a second forbidden
 //! call; with SIGSYS blocked inside its own handler, the kernel then kills the whole process with
-//! SIGSYS (exactly as SECCOMP_RET_KILL_PROCESS would, but after the explanation).
-//! `--seccomp off` skips all of this, for debugging.
+//! SIGSYS (exactly as SECCOMP_RET_KILL_PROCESS would, but after the explanation). Nothing else
+//! runs on that path, so a terminal in raw mode stays raw (`reset` restores it): a violation is a
+//! bug or an attack, not an exit path. `--seccomp off` skips all of this, for debugging.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
