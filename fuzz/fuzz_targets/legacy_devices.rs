@@ -23,6 +23,9 @@ enum Op {
     RawRead { port: u16, width: u8 },
     RawWrite { port: u16, data: Vec<u8> },
     Input(Vec<u8>),
+    /// Straight to a device, bypassing the bus's range check: any offset.
+    DirectRead { device: u8, offset: u64, width: u8 },
+    DirectWrite { device: u8, offset: u64, data: Vec<u8> },
 }
 
 const BASES: [u16; 3] = [
@@ -58,6 +61,7 @@ fuzz_target!(|ops: Vec<Op>| {
             ))),
         ),
     ];
+    let direct: Vec<Arc<Mutex<dyn BusDevice>>> = devices.iter().map(|d| d.2.clone()).collect();
     for (port, len, dev) in devices {
         bus.insert(u64::from(port), len, dev).unwrap();
     }
@@ -96,6 +100,32 @@ fuzz_target!(|ops: Vec<Op>| {
                 bus.read(u64::from(port), &mut buf);
             }
             Op::RawWrite { port, data } => write(u64::from(port), &data[..data.len().min(8)]),
+            Op::DirectRead {
+                device,
+                offset,
+                width,
+            } => {
+                let mut buf = vec![0u8; usize::from(width % 9)];
+                direct[usize::from(device) % 3]
+                    .lock()
+                    .unwrap()
+                    .read(offset, &mut buf);
+            }
+            Op::DirectWrite {
+                device,
+                offset,
+                data,
+            } => {
+                // Not the reset or S5 command (the bus-level counts above track those): only
+                // the offsets differ from what a bus would hand over.
+                let data = &data[..data.len().min(8)];
+                let dev = usize::from(device) % 3;
+                let is_command = (dev == 1 && offset == 4 && data == [I8042_RESET])
+                    || (dev == 2 && offset == 0 && data.len() == 1 && data[0] & SLP_EN != 0);
+                if !is_command {
+                    direct[dev].lock().unwrap().write(offset, data);
+                }
+            }
             Op::Input(bytes) => {
                 let mut s = serial.lock().unwrap();
                 let room = s.input_room();
