@@ -18,9 +18,10 @@ const HIGH: (u64, usize) = (0x10_0000, 0x1_0000);
 
 #[derive(Arbitrary, Debug)]
 struct Desc {
-    /// Mostly near guest memory so that chains are often valid; sometimes anywhere.
+    /// Where `addr` points: 0 into the low region (whose bytes the fuzzer writes), 1 into the
+    /// high one, 2 just below the hole between them, else anywhere.
+    place: u8,
     addr: u32,
-    far: bool,
     len: u32,
     flags: u16,
 }
@@ -28,6 +29,8 @@ struct Desc {
 #[derive(Arbitrary, Debug)]
 struct Input {
     descs: Vec<Desc>,
+    /// Small disks most of the time, so that sector numbers in headers hit the end often.
+    small_disk: bool,
     sectors: u64,
     readonly: bool,
     discard: bool,
@@ -92,16 +95,21 @@ fuzz_target!(|input: Input| {
         .take(300)
         .enumerate()
         .map(|(i, d)| {
-            let addr = if d.far {
-                u64::from(d.addr) << 16 | u64::from(d.flags)
-            } else {
-                u64::from(d.addr) % 0x12_0000
+            let addr = match d.place % 4 {
+                0 => u64::from(d.addr) % LOW.1 as u64,
+                1 => HIGH.0 + u64::from(d.addr) % HIGH.1 as u64,
+                2 => LOW.1 as u64 - u64::from(d.addr % 0x200),
+                _ => u64::from(d.addr) << 16 | u64::from(d.flags),
             };
             Descriptor::new(addr, d.len, d.flags & 0x7, (i + 1) as u16)
         })
         .collect();
     let limits = DiskLimits {
-        sectors: input.sectors,
+        sectors: if input.small_disk {
+            input.sectors % 128
+        } else {
+            input.sectors
+        },
         readonly: input.readonly,
         discard: input.discard,
         write_zeroes: input.write_zeroes,
