@@ -56,9 +56,9 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             drop(e.to_string());
             // Place the initramfs after a made-up kernel instead.
-            let end = data
-                .get(..4)
-                .map_or(0, |b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            let end = data.get(..4).map_or(0, |b| {
+                u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            });
             LoadedKernel {
                 entry: GuestAddress(layout::HIMEM_START),
                 kind: EntryKind::Linux64,

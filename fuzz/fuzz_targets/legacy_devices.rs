@@ -18,14 +18,36 @@ use libfuzzer_sys::fuzz_target;
 enum Op {
     /// `port` is relative to one of the devices (`device` picks it), so most accesses land near
     /// a device; `raw` accesses anywhere.
-    Read { device: u8, port: u8, width: u8 },
-    Write { device: u8, port: u8, data: Vec<u8> },
-    RawRead { port: u16, width: u8 },
-    RawWrite { port: u16, data: Vec<u8> },
+    Read {
+        device: u8,
+        port: u8,
+        width: u8,
+    },
+    Write {
+        device: u8,
+        port: u8,
+        data: Vec<u8>,
+    },
+    RawRead {
+        port: u16,
+        width: u8,
+    },
+    RawWrite {
+        port: u16,
+        data: Vec<u8>,
+    },
     Input(Vec<u8>),
     /// Straight to a device, bypassing the bus's range check: any offset.
-    DirectRead { device: u8, offset: u64, width: u8 },
-    DirectWrite { device: u8, offset: u64, data: Vec<u8> },
+    DirectRead {
+        device: u8,
+        offset: u64,
+        width: u8,
+    },
+    DirectWrite {
+        device: u8,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 const BASES: [u16; 3] = [

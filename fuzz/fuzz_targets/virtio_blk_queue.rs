@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use ember_devices::virtio::block::QUEUE_SIZE;
-use ember_devices::virtio::{Block, DiskConfig, Interrupt};
 use ember_devices::virtio::VirtioDevice;
+use ember_devices::virtio::{Block, DiskConfig, Interrupt};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -70,7 +70,8 @@ fn image_bytes() -> Vec<u8> {
 fuzz_target!(|input: Input| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let n = input.memory.len().min(MEM_SIZE - DESC as usize);
-    mem.write_slice(&input.memory[..n], GuestAddress(DESC)).unwrap();
+    mem.write_slice(&input.memory[..n], GuestAddress(DESC))
+        .unwrap();
     for (i, d) in input.descs.iter().take(256).enumerate() {
         let addr = if d.far {
             u64::from(d.addr) << 8
@@ -83,13 +84,16 @@ fuzz_target!(|input: Input| {
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&(d.flags & 0x7).to_le_bytes());
         raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-        mem.write_slice(&raw, GuestAddress(DESC + 16 * i as u64)).unwrap();
+        mem.write_slice(&raw, GuestAddress(DESC + 16 * i as u64))
+            .unwrap();
     }
     for (i, head) in input.avail.iter().take(256).enumerate() {
-        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * i as u64)).unwrap();
+        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * i as u64))
+            .unwrap();
     }
     let n = input.buffers.len().min(MEM_SIZE - BUFFERS as usize);
-    mem.write_slice(&input.buffers[..n], GuestAddress(BUFFERS)).unwrap();
+    mem.write_slice(&input.buffers[..n], GuestAddress(BUFFERS))
+        .unwrap();
 
     let mut block = Block::new(&DiskConfig {
         path: image_path().to_path_buf(),
@@ -121,7 +125,8 @@ fuzz_target!(|input: Input| {
         return;
     }
     for idx in input.rounds.iter().take(8) {
-        mem.write_obj(*idx, GuestAddress(avail.wrapping_add(2))).ok();
+        mem.write_obj(*idx, GuestAddress(avail.wrapping_add(2)))
+            .ok();
         block.process_queue(0);
     }
     block.process_queue(1); // a queue that does not exist

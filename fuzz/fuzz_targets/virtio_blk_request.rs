@@ -47,25 +47,37 @@ fn in_memory(mem: &GuestMemoryMmap, s: &Segment, access: Permissions) -> bool {
 fn check_sectors(sector: u64, segments: &[Segment], limits: &DiskLimits) {
     let bytes: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
     assert_eq!(bytes % SECTOR_SIZE, 0);
-    let end = sector.checked_add(bytes / SECTOR_SIZE).expect("sector overflow");
-    assert!(end <= limits.sectors, "{sector}+{bytes} bytes past {}", limits.sectors);
+    let end = sector
+        .checked_add(bytes / SECTOR_SIZE)
+        .expect("sector overflow");
+    assert!(
+        end <= limits.sectors,
+        "{sector}+{bytes} bytes past {}",
+        limits.sectors
+    );
 }
 
 fn check(mem: &GuestMemoryMmap, req: &Request, limits: &DiskLimits) {
     assert!(mem.check_range(req.status, 1, Permissions::Write));
     match &req.kind {
         RequestKind::Read { sector, segments } => {
-            assert!(segments.iter().all(|s| in_memory(mem, s, Permissions::Write)));
+            assert!(segments
+                .iter()
+                .all(|s| in_memory(mem, s, Permissions::Write)));
             check_sectors(*sector, segments, limits);
         }
         RequestKind::Write { sector, segments } => {
             assert!(!limits.readonly);
-            assert!(segments.iter().all(|s| in_memory(mem, s, Permissions::Read)));
+            assert!(segments
+                .iter()
+                .all(|s| in_memory(mem, s, Permissions::Read)));
             check_sectors(*sector, segments, limits);
         }
         RequestKind::Flush => {}
         RequestKind::GetId { segments } => {
-            assert!(segments.iter().all(|s| in_memory(mem, s, Permissions::Write)));
+            assert!(segments
+                .iter()
+                .all(|s| in_memory(mem, s, Permissions::Write)));
             assert!(segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= 20);
         }
         RequestKind::Discard(r) => {
@@ -88,7 +100,8 @@ fuzz_target!(|input: Input| {
     ])
     .unwrap();
     let n = input.memory.len().min(LOW.1);
-    mem.write_slice(&input.memory[..n], GuestAddress(0)).unwrap();
+    mem.write_slice(&input.memory[..n], GuestAddress(0))
+        .unwrap();
     let descs: Vec<Descriptor> = input
         .descs
         .iter()

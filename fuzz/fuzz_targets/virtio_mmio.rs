@@ -26,13 +26,29 @@ const USED: u32 = 0x3000;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { offset: u16, width: u8 },
-    Write { offset: u16, data: Vec<u8> },
+    Read {
+        offset: u16,
+        width: u8,
+    },
+    Write {
+        offset: u16,
+        data: Vec<u8>,
+    },
     /// A 4-byte write at a register offset (most of the interface).
-    Reg { index: u8, value: u32 },
+    Reg {
+        index: u8,
+        value: u32,
+    },
     /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queue 0 at DESC/AVAIL/USED, DRIVER_OK.
-    Init { features: u64, size: u16, driver_ok: bool },
-    Memory { at: u16, data: Vec<u8> },
+    Init {
+        features: u64,
+        size: u16,
+        driver_ok: bool,
+    },
+    Memory {
+        at: u16,
+        data: Vec<u8>,
+    },
     Avail(u16),
     Notify(u32),
     RunEventLoop,
@@ -68,7 +84,11 @@ fn init(dev: &Shared, features: u64, size: u16, driver_ok: bool) {
     write32(dev, VIRTIO_MMIO_STATUS, 1 | 2);
     for sel in 0..2 {
         write32(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
-        write32(dev, VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        write32(
+            dev,
+            VIRTIO_MMIO_DRIVER_FEATURES,
+            (features >> (32 * sel)) as u32,
+        );
     }
     write32(dev, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
     write32(dev, VIRTIO_MMIO_QUEUE_SEL, 0);
