@@ -406,8 +406,11 @@ struct Running {
 
 impl Running {
     fn spawn(args: &[&str]) -> Running {
-        let mut child = Command::new(common::ember())
-            .args(args)
+        Self::spawn_command(Command::new(common::ember()).args(args))
+    }
+
+    fn spawn_command(cmd: &mut Command) -> Running {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -417,7 +420,8 @@ impl Running {
         let out = child.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                // A terminal ends lines with \r\n.
+                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
                     break;
                 }
             }
@@ -429,17 +433,24 @@ impl Running {
         }
     }
 
-    fn wait_for(&mut self, want: &str) {
+    /// Returns the first line from now on that contains `want`.
+    fn wait_for(&mut self, want: &str) -> String {
         let end = Instant::now() + Duration::from_secs(60);
         while Instant::now() < end {
             match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.contains(want) => return,
+                Ok(l) if l.contains(want) => return l,
                 Ok(l) => self.seen.push(l),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         panic!("never saw {want:?}; output so far: {:?}", self.seen);
+    }
+
+    fn next_line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no more output ({e}); so far: {:?}", self.seen))
     }
 
     fn pid(&self) -> i32 {
@@ -558,6 +569,48 @@ fn sigterm_stops_the_vm_with_status_143() {
 #[test]
 fn sigint_stops_the_vm_with_status_130() {
     stopped_by(libc::SIGINT, 130);
+}
+
+#[test]
+fn sigterm_restores_the_terminal() {
+    // A real terminal: `script` runs a shell on a pseudo-terminal, which records the terminal
+    // mode (`stty -g`), starts Ember on it, waits, and records the mode again. Ember puts the
+    // terminal in raw mode while the guest runs; after SIGTERM it must be as it was.
+    let echo = common::guest("echo");
+    let shell = format!(
+        "stty -g; exec 3<&0; {} run --kernel {} <&3 & echo PID $!; wait $!; echo STATUS $?; stty -g",
+        common::ember(),
+        echo.display()
+    );
+    let mut vm = Running::spawn_command(Command::new("script").args(["-qec", &shell, "/dev/null"]));
+    let before = vm.next_line();
+    let pid: i32 = vm
+        .wait_for("PID ")
+        .trim_start_matches("PID ")
+        .parse()
+        .unwrap();
+    vm.wait_for("echo: ready");
+    let tty = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+    let during = Command::new("stty")
+        .arg("-F")
+        .arg(&tty)
+        .arg("-g")
+        .output()
+        .unwrap();
+    let during = String::from_utf8_lossy(&during.stdout).trim().to_string();
+    assert_ne!(
+        during,
+        before,
+        "Ember did not put {} in raw mode",
+        tty.display()
+    );
+    // SAFETY: kill(2) on the Ember the shell started for this test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(vm.wait_for("STATUS "), "STATUS 143");
+    let after = vm.next_line();
+    assert_eq!(after, before, "the terminal mode was not restored");
+    let (code, _, err) = vm.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
 }
 
 // ---- a hostile guest ----
