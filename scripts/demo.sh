@@ -11,6 +11,8 @@ scripts/deps.sh
 cargo build --release
 make -s -C tests/guests
 scripts/kit.sh
+# The minimal microVM kernel `ember bench` boots (first time about 10-19 min on 2 cores; cached).
+scripts/microvm-kernel.sh
 ember=target/release/ember
 kit=${EMBER_KIT:-$HOME/.cache/ember/kit}
 

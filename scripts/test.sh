@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 t0=$(date +%s)
 scripts/deps.sh
 scripts/kit.sh
+# The minimal microVM kernel: built once from linux-source (about 10-19 min on 2 cores), then
+# cached; tests/integration/microvm_kernel.rs boots it.
+scripts/microvm-kernel.sh
 t1=$(date +%s)
 
 log=$(mktemp -t ember-test.XXXXXX)
@@ -28,7 +31,7 @@ skipped=$(grep -oE 'SKIPPED [a-z0-9_]+:' "$log" | wc -l)
 booted=$((passed - skipped))
 echo
 echo "ember tests: $booted boot tests passed, $skipped skipped (see SKIPPED lines above)"
-echo "ember tests: deps+kit $((t1 - t0)) s, build+tests $((t2 - t1)) s"
+echo "ember tests: deps+kit+kernel $((t1 - t0)) s, build+tests $((t2 - t1)) s"
 if [ "$status" -ne 0 ]; then
   echo "ember tests: FAILED" >&2
   exit "$status"
