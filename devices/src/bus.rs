@@ -22,8 +22,11 @@ pub enum BusError {
 #[derive(Clone)]
 struct Range {
     len: u64,
-    device: Arc<Mutex<dyn BusDevice>>,
+    device: SharedDevice,
 }
+
+/// A device as the buses hold it: shared with the event loop that also drives it.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 /// A set of non-overlapping ranges. Cloning shares the devices (one bus per vCPU thread is fine).
 #[derive(Clone, Default)]
@@ -36,12 +39,7 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         let end = base.checked_add(len).filter(|_| len > 0);
         let Some(end) = end else {
             return Err(BusError::Overlap { base, len });

@@ -8,5 +8,5 @@ pub mod serial;
 pub mod trigger;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice};
+pub use bus::{Bus, BusDevice, SharedDevice};
 pub use trigger::EventFdTrigger;

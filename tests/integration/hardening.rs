@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Run};
+use crate::common;
 
 /// Input errors are found before a vCPU runs; a hang is a bug.
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -15,7 +15,7 @@ use ember_boot::params::{self, BootSetup};
 use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
 use ember_devices::i8042::{I8042, I8042_PORT_LEN};
 use ember_devices::serial::SerialDevice;
-use ember_devices::{Bus, BusDevice, EventFdTrigger};
+use ember_devices::{Bus, EventFdTrigger, SharedDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -122,8 +122,7 @@ fn host_ram() -> Option<u64> {
     // SAFETY: sysinfo fills the struct it is given.
     let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
-    (unsafe { libc::sysinfo(&mut info) } == 0)
-        .then(|| u64::from(info.totalram) * u64::from(info.mem_unit))
+    (unsafe { libc::sysinfo(&mut info) } == 0).then(|| info.totalram * u64::from(info.mem_unit))
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd> {
@@ -261,7 +260,7 @@ fn setup_legacy_devices(vm: &VmFd, pio: &mut Bus, cfg: &VmConfig) -> Result<Lega
     let reset_watch = EventFd::try_clone(&reset).map_err(|e| err("reset eventfd", &e))?;
     let poweroff_watch = EventFd::try_clone(&poweroff).map_err(|e| err("poweroff eventfd", &e))?;
 
-    let devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 3] = [
+    let devices: [(u16, u64, SharedDevice); 3] = [
         (layout::COM1_PORT, 8, serial.clone()),
         (
             layout::I8042_PORT,
