@@ -25,7 +25,7 @@
 #   --seg BYTES  data segment size of the 1 MiB requests (default 8192: 128 segments)
 # Takes about a minute on a loaded 2-core kvm_pvm VM; the image lives in a temp dir under
 # ${TMPDIR:-/tmp} and is removed at the end.
-# EMBER=PATH and BLK_BENCH=PATH use those binaries instead of building target/release/ember and
+# EMBER=PATH and BLK_BENCH=PATH use those binaries instead of building target/x86_64-unknown-linux-gnu/release/ember and
 # the blk_bench example (to compare two builds of the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,11 +71,11 @@ echo "bench-disk: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(grep -m1 'm
 
 if [ -z "${EMBER:-}" ]; then
     cargo build -q --release -p ember-vmm --bin ember
-    EMBER=target/release/ember
+    EMBER=target/x86_64-unknown-linux-gnu/release/ember
 fi
 if [ -z "${BLK_BENCH:-}" ]; then
     cargo build -q --release -p ember-devices --example blk_bench
-    BLK_BENCH=target/release/examples/blk_bench
+    BLK_BENCH=target/x86_64-unknown-linux-gnu/release/examples/blk_bench
 fi
 DRIVER=$BLK_BENCH
 

@@ -4,7 +4,7 @@
 # Usage: scripts/bench.sh [ember bench options...]
 # Default output: the figures on stdout, docs/bench.svg (chart) and target/bench.json (every
 # sample). Any option is passed to `ember bench` (e.g. --rounds 50, --guest null,
-# --systems runc,crun); see `target/release/ember bench --help`.
+# --systems runc,crun); see `target/x86_64-unknown-linux-gnu/release/ember bench --help`.
 #
 # Needs scripts/deps.sh's packages (crun, runc, podman, qemu-system-x86 are peers; a missing one
 # is reported, not fatal), the guest kit (scripts/kit.sh) and the test guests. The minimal
@@ -21,4 +21,4 @@ if [ ! -f "$kernel" ]; then
     echo "bench: $kernel not built (scripts/microvm-kernel.sh); using the kit's vmlinux" >&2
 fi
 cargo build --release -q -p ember-vmm
-exec target/release/ember bench --json target/bench.json --chart docs/bench.svg "$@"
+exec target/x86_64-unknown-linux-gnu/release/ember bench --json target/bench.json --chart docs/bench.svg "$@"

@@ -13,7 +13,7 @@ make -s -C tests/guests
 scripts/kit.sh
 # The minimal microVM kernel `ember bench` boots (first time about 10-19 min on 2 cores; cached).
 scripts/microvm-kernel.sh
-ember=target/release/ember
+ember=target/x86_64-unknown-linux-gnu/release/ember
 kit=${EMBER_KIT:-$HOME/.cache/ember/kit}
 
 pvm=no

@@ -26,7 +26,7 @@ if [ "${1:-}" = "--quick" ]; then
 fi
 
 cargo build --release -p ember-vmm --quiet
-ember=$root/target/release/ember
+ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 work=$(mktemp -d -t ember-soak.XXXXXX)
 # Every Ember this run starts is recorded in $work/pids; an interrupted run kills those only.
 ours() {

@@ -318,8 +318,8 @@ fn require(path: PathBuf, what: &'static str, hint: &'static str) -> Result<Path
     }
 }
 
-/// tests/guests/build/NAME near the binary (target/<profile>/ember sits two levels below the
-/// repository) or under the current directory.
+/// tests/guests/build/NAME near the binary (target/<triple>/<profile>/ember sits three levels
+/// below the repository) or under the current directory.
 fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
     let rel = Path::new("tests/guests/build").join(name);
     ember
