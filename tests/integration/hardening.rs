@@ -504,11 +504,14 @@ fn check_filters(extra: &[&str], want_mode: u32) {
     args.extend_from_slice(extra);
     let mut vm = Running::spawn(&args);
     vm.wait_for("echo: ready");
-    // The main thread installs its filter right after starting the vCPUs; give it a moment.
+    // vCPU 0 can print before vCPU 1's thread has its name, and the main thread installs its
+    // filter right after starting the vCPUs; give both a moment.
     let end = Instant::now() + Duration::from_secs(5);
     let modes = loop {
         let modes = seccomp_modes(vm.pid());
-        if modes.iter().all(|(_, m)| *m == want_mode) || Instant::now() > end {
+        let settled =
+            modes.iter().any(|(n, _)| n == "vcpu1") && modes.iter().all(|(_, m)| *m == want_mode);
+        if settled || Instant::now() > end {
             break modes;
         }
         std::thread::sleep(Duration::from_millis(20));
