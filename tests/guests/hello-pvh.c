@@ -4,8 +4,4 @@
 
 PVH_GUEST();
 
-void gmain(void *boot)
-{
-	(void)boot;
-	println("ember-guest: ready");
-}
+#include "hello.c"
