@@ -3,8 +3,10 @@
 //! served by the event loop, which the guest reaches through ioeventfds without an exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ember_devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -88,6 +90,8 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 
 pub struct VcpuThread {
     handle: JoinHandle<()>,
+    /// Disconnects when the thread's loop returns: `stop` wakes at once instead of polling.
+    done: mpsc::Receiver<()>,
 }
 
 impl VcpuThread {
@@ -99,27 +103,36 @@ impl VcpuThread {
         ctl: Arc<VmControl>,
         seccomp: bool,
     ) -> Result<Self, VcpuError> {
+        let (done_tx, done) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &ctl, seccomp))
+            .spawn(move || {
+                let _done = done_tx;
+                run_loop(id, vcpu, &pio, &mmio, &ctl, seccomp);
+            })
             .map_err(|e| VcpuError::Spawn(id, e))?;
-        Ok(VcpuThread { handle })
+        Ok(VcpuThread { handle, done })
     }
 
     /// Kicks the thread out of `KVM_RUN` until it has seen the stop flag and ended. A kick can
     /// land just before the thread enters `KVM_RUN`, so it is repeated; a thread that does not end
     /// within `patience` is left behind (the process is about to exit anyway).
-    pub fn stop(self, patience: std::time::Duration) {
-        let deadline = std::time::Instant::now() + patience;
-        while !self.handle.is_finished() && std::time::Instant::now() < deadline {
+    pub fn stop(self, patience: Duration) {
+        const REKICK: Duration = Duration::from_micros(200);
+        let deadline = Instant::now() + patience;
+        loop {
             let _ = self.handle.kill(kick_signal());
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            match self.done.recv_timeout(REKICK) {
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    log::warn!("a vCPU thread did not stop in {patience:?}");
+                    return;
+                }
+                // The loop has returned; what is left is the thread's own exit.
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
-        if self.handle.is_finished() {
-            let _ = self.handle.join();
-        } else {
-            log::warn!("a vCPU thread did not stop in {patience:?}");
-        }
+        let _ = self.handle.join();
     }
 }
 
