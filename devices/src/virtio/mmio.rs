@@ -248,6 +248,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = value & !old;
         let mut new = value;
+        // Refused features are settled before the ordering checks, so that a DRIVER_OK written in
+        // the same access as a refused FEATURES_OK is refused with it.
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let unknown = self.driver_features & !offered;
+            if unknown != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                // Left clear, FEATURES_OK tells the driver its feature set was refused.
+                self.log.warn(format_args!(
+                    "driver features {:#x} refused (offered {offered:#x}, VERSION_1 required)",
+                    self.driver_features
+                ));
+                new &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
         // Each step of driver initialization needs the ones before it (spec 3.1.1).
         let needs = [
             (VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE),
@@ -260,18 +274,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     "status bit {bit:#x} set before {prerequisite:#x}; ignored"
                 ));
                 new &= !bit;
-            }
-        }
-        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            let offered = self.device.features();
-            let unknown = self.driver_features & !offered;
-            if unknown != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-                // Left clear, FEATURES_OK tells the driver its feature set was refused.
-                self.log.warn(format_args!(
-                    "driver features {:#x} refused (offered {offered:#x}, VERSION_1 required)",
-                    self.driver_features
-                ));
-                new &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
         if added & VIRTIO_CONFIG_S_FAILED != 0 {
@@ -640,6 +642,37 @@ mod tests {
         g.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         g.write(VIRTIO_MMIO_DRIVER_FEATURES, 0);
         assert_eq!(g.dev.lock().unwrap().driver_features, FEATURES);
+    }
+
+    #[test]
+    fn driver_ok_written_with_refused_features_does_not_stick() {
+        let g = Guest::new();
+        g.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        g.write(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        // No VERSION_1: refused.
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
+        g.write(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(
+            g.status(),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+        );
+        assert!(!g.dev.lock().unwrap().is_active());
+        // The driver may still fix its features and carry on.
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        g.write(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        g.write(VIRTIO_MMIO_STATUS, ok);
+        assert_eq!(g.status(), ok);
     }
 
     #[test]
