@@ -10,3 +10,6 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice, SharedDevice};
 pub use trigger::EventFdTrigger;
+
+#[cfg(test)]
+mod test_log;

@@ -19,7 +19,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{GuestLog, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
@@ -35,6 +35,7 @@ pub const NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 /// Event-loop token of the activate eventfd; queue eventfds use their index.
 const ACTIVATE_TOKEN: u32 = u32::MAX;
+const LOW_HALF: u64 = 0xffff_ffff;
 
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
@@ -200,22 +201,42 @@ impl<D: VirtioDevice> MmioTransport<D> {
             ));
             return;
         };
-        match offset {
-            VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(value) {
-                // virtio-queue refuses sizes that are not a power of two up to the maximum.
-                Ok(size) => q.set_size(size),
-                Err(_) => self.log.warn(format_args!(
-                    "queue {sel} size {value} is too large; ignored"
-                )),
-            },
-            VIRTIO_MMIO_QUEUE_READY => q.set_ready(value == 1),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(value)),
-            VIRTIO_MMIO_QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
-            _ => {}
+        // virtio-queue's setters log every refused value at error level; a guest must not be able
+        // to fill the host's log, so refusals are checked and logged here.
+        let (low, high) = (u64::from(value), u64::from(value) << 32);
+        let result = match offset {
+            // Sizes must be powers of two up to the maximum.
+            VIRTIO_MMIO_QUEUE_NUM => u16::try_from(value)
+                .map_err(|_| virtio_queue::Error::InvalidSize)
+                .and_then(|size| q.try_set_size(size)),
+            VIRTIO_MMIO_QUEUE_READY => {
+                q.set_ready(value == 1);
+                Ok(())
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                q.try_set_desc_table_address(GuestAddress(q.desc_table() & !LOW_HALF | low))
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                q.try_set_desc_table_address(GuestAddress(q.desc_table() & LOW_HALF | high))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                q.try_set_avail_ring_address(GuestAddress(q.avail_ring() & !LOW_HALF | low))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                q.try_set_avail_ring_address(GuestAddress(q.avail_ring() & LOW_HALF | high))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW => {
+                q.try_set_used_ring_address(GuestAddress(q.used_ring() & !LOW_HALF | low))
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                q.try_set_used_ring_address(GuestAddress(q.used_ring() & LOW_HALF | high))
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            self.log.warn(format_args!(
+                "queue {sel} register {offset:#x} value {value:#x} refused ({e}); ignored"
+            ));
         }
     }
 
@@ -302,9 +323,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if !q.ready() {
                 return Err(format!("queue {i} is not ready"));
             }
-            if !q.is_valid(&self.mem) {
-                return Err(format!("queue {i}'s rings are not in guest memory"));
-            }
+            self.check_rings(q).map_err(|e| format!("queue {i}: {e}"))?;
             let mut q = Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?;
             q.set_event_idx(event_idx);
             queues.push(q);
@@ -321,6 +340,42 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.activate_evt
             .write(1)
             .map_err(|e| format!("cannot signal the event loop: {e}"))
+    }
+
+    /// What virtio-queue's `is_valid` checks, without its error-level log lines, which a guest
+    /// could otherwise repeat without limit (reset, set up bad rings, DRIVER_OK, again).
+    fn check_rings(&self, q: &Queue) -> Result<(), String> {
+        let size = u64::from(q.size());
+        let parts = [
+            (
+                "descriptor table",
+                q.desc_table(),
+                16 * size,
+                Permissions::Read,
+            ),
+            (
+                "available ring",
+                q.avail_ring(),
+                6 + 2 * size,
+                Permissions::Read,
+            ),
+            ("used ring", q.used_ring(), 6 + 8 * size, Permissions::Write),
+        ];
+        for (name, addr, len, access) in parts {
+            // At most 16 * 2^15 bytes: fits in usize.
+            if !self
+                .mem
+                .check_range(GuestAddress(addr), len as usize, access)
+            {
+                return Err(format!("{name} {addr:#x}+{len:#x} is not in guest memory"));
+            }
+        }
+        // virtio-queue takes an available ring at 0 for a queue that was never set up and serves
+        // nothing from it: refuse it now, where the driver sees NEEDS_RESET.
+        if q.avail_ring() == 0 {
+            return Err("an available ring at address 0 is not supported".into());
+        }
+        Ok(())
     }
 
     /// Back to the state before the driver found the device (spec 2.4).
@@ -673,6 +728,58 @@ mod tests {
         let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
         g.write(VIRTIO_MMIO_STATUS, ok);
         assert_eq!(g.status(), ok);
+    }
+
+    #[test]
+    fn refused_queue_values_are_ignored_and_cannot_flood_the_log() {
+        crate::test_log::start();
+        let mut g = Guest::new();
+        g.negotiate(FEATURES);
+        g.setup_queue();
+        for _ in 0..100 {
+            for (reg, bad) in [
+                (VIRTIO_MMIO_QUEUE_NUM, 3),
+                (VIRTIO_MMIO_QUEUE_NUM, 0),
+                (VIRTIO_MMIO_QUEUE_NUM, 512),
+                (VIRTIO_MMIO_QUEUE_NUM, 0x1_0000),
+                (VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32 + 8),
+                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32 + 1),
+                (VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32 + 2),
+            ] {
+                g.write(reg, bad);
+            }
+        }
+        // The good values stay: the queue works as set up.
+        g.driver_ok();
+        assert!(g.dev.lock().unwrap().is_active());
+        g.submit_read(3);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+        assert_eq!(
+            g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        // Rings outside guest memory, again and again: each attempt needs a reset.
+        for _ in 0..50 {
+            g.negotiate(FEATURES);
+            g.setup_queue();
+            g.write(VIRTIO_MMIO_QUEUE_USED_LOW, 0xfff0_0000);
+            g.driver_ok();
+            assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        }
+        let logged = crate::test_log::warnings();
+        assert!(logged.len() <= GuestLog::LIMIT as usize, "{logged:#?}");
+    }
+
+    #[test]
+    fn an_available_ring_at_address_0_needs_reset() {
+        let mut g = Guest::new();
+        g.negotiate(FEATURES);
+        g.setup_queue();
+        g.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0);
+        g.driver_ok();
+        assert!(!g.dev.lock().unwrap().is_active());
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     }
 
     #[test]
