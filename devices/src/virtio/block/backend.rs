@@ -163,6 +163,10 @@ impl DiskImage {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // fallocate(2) refuses an empty range with EINVAL; for us it is a request for nothing.
+        if len == 0 {
+            return Ok(());
+        }
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));

@@ -308,20 +308,15 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap, request: &Request) -> (u8, u
         RequestKind::Flush => disk.flush().map(|_| 0),
         RequestKind::GetId { segments } => write_id(disk, mem, segments),
         RequestKind::Discard(range) => {
-            match disk.punch_hole(
-                range.sector * SECTOR_SIZE,
-                u64::from(range.sectors) * SECTOR_SIZE,
-            ) {
+            let (offset, len) = range.bytes();
+            match disk.punch_hole(offset, len) {
                 // Discard is a hint: a filesystem without holes may ignore it.
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(0),
                 r => r.map(|_| 0),
             }
         }
         RequestKind::WriteZeroes { range, unmap } => {
-            let (offset, len) = (
-                range.sector * SECTOR_SIZE,
-                u64::from(range.sectors) * SECTOR_SIZE,
-            );
+            let (offset, len) = range.bytes();
             // A punched hole reads back as zeros too; fall back to zeroing where holes fail.
             let punched = *unmap && disk.punch_hole(offset, len).is_ok();
             if punched {

@@ -39,6 +39,17 @@ pub struct SectorRange {
     pub sectors: u32,
 }
 
+impl SectorRange {
+    /// The range's byte offset and length on the disk.
+    pub fn bytes(&self) -> (u64, u64) {
+        // Checked to lie on the disk, whose size in bytes fits in u64.
+        (
+            self.sector * SECTOR_SIZE,
+            u64::from(self.sectors) * SECTOR_SIZE,
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestKind {
     /// Disk to guest: `segments` hold a whole number of sectors from `sector` on.

@@ -475,6 +475,38 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
 }
 
 #[test]
+fn zero_sector_discard_and_write_zeroes_succeed_and_change_nothing() {
+    let mut d = Driver::new(false, None, ALL_FEATURES);
+    let before = d.file_bytes(0, (IMAGE_SECTORS * 512) as usize);
+    // Anywhere on the disk, the end included, with or without UNMAP.
+    for (request_type, sector, flags) in [
+        (VIRTIO_BLK_T_DISCARD, 3, 0),
+        (VIRTIO_BLK_T_DISCARD, IMAGE_SECTORS, 0),
+        (VIRTIO_BLK_T_WRITE_ZEROES, 3, 0),
+        (
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            3,
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+        ),
+        (VIRTIO_BLK_T_WRITE_ZEROES, IMAGE_SECTORS, 0),
+    ] {
+        discard_segment(&d, DATA, sector, 0, flags);
+        assert_eq!(
+            d.request(request_type, 0, &[(DATA, 16, R)]),
+            (OK, 1),
+            "type {request_type} at sector {sector} flags {flags}"
+        );
+    }
+    assert_eq!(d.file_bytes(0, before.len()), before);
+    // Past the end is still an error, even for nothing.
+    discard_segment(&d, DATA, IMAGE_SECTORS + 1, 0, 0);
+    assert_eq!(
+        d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, R)]).0,
+        IOERR
+    );
+}
+
+#[test]
 fn discard_is_unsupported_unless_negotiated() {
     let mut d = Driver::new(false, None, 1 << VIRTIO_F_VERSION_1);
     discard_segment(&d, DATA, 8, 4, 0);
