@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+mod guest_log;
 pub mod i8042;
 pub mod serial;
 pub mod trigger;

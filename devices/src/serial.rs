@@ -12,6 +12,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
+use crate::guest_log::GuestLog;
 use crate::trigger::EventFdTrigger;
 
 /// Raised when the guest has read every byte of input: the event loop may read more.
@@ -22,9 +23,8 @@ pub struct FifoEvents {
 impl SerialEvents for FifoEvents {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
-    fn tx_lost_byte(&self) {
-        log::warn!("serial: a byte of guest output was lost (the output sink failed)");
-    }
+    // The failed write also comes back from `Serial::write`, which logs it.
+    fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
         // A failed eventfd write only delays more input until the next drain.
         let _ = self.drained.write(1);
@@ -34,6 +34,7 @@ impl SerialEvents for FifoEvents {
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, Arc<FifoEvents>, Box<dyn Write + Send>>,
     events: Arc<FifoEvents>,
+    log: GuestLog,
 }
 
 impl SerialDevice {
@@ -45,6 +46,7 @@ impl SerialDevice {
         Ok(SerialDevice {
             uart: Serial::with_events(interrupt, events.clone(), out),
             events,
+            log: GuestLog::new("serial"),
         })
     }
 
@@ -85,7 +87,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(reg), [b]) = (u8::try_from(offset), data) {
             if let Err(e) = self.uart.write(reg, *b) {
-                log::warn!("serial: register {reg} write failed: {e:?}");
+                // Once per byte while the output sink fails: limited.
+                self.log.warn(format_args!(
+                    "register {reg} write failed (guest output is lost): {e:?}"
+                ));
             }
         }
     }
@@ -128,6 +133,34 @@ mod tests {
         dev.read(0, &mut b);
         assert_eq!(b[0], b'b');
         assert_eq!(dev.fifo_drained().read().unwrap(), 1);
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_output_sink_cannot_flood_the_log() {
+        crate::test_log::start();
+        let irq = EventFdTrigger::new().unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(Broken)).unwrap();
+        // Transmit-empty interrupts keep coming, so the guest goes on writing.
+        dev.write(1, &[0x02]);
+        for _ in 0..200 {
+            dev.write(0, b"x");
+        }
+        assert!(irq.read().unwrap() >= 1);
+        let logged = crate::test_log::warnings();
+        assert!(
+            !logged.is_empty() && logged.len() <= GuestLog::LIMIT as usize,
+            "{logged:#?}"
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub use mmio::MmioTransport;
 
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
+pub(crate) use crate::guest_log::GuestLog;
+
 /// Why a device refused the queues the driver set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -102,37 +104,5 @@ impl Interrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
-    }
-}
-
-/// Logs what a guest did wrong, but only the first few times: a guest must not be able to flood
-/// the host's log.
-pub(crate) struct GuestLog {
-    device: &'static str,
-    left: u32,
-}
-
-impl GuestLog {
-    const LIMIT: u32 = 20;
-
-    pub(crate) fn new(device: &'static str) -> Self {
-        GuestLog {
-            device,
-            left: Self::LIMIT,
-        }
-    }
-
-    pub(crate) fn warn(&mut self, msg: fmt::Arguments<'_>) {
-        match self.left {
-            0 => log::debug!("{}: {msg}", self.device),
-            1 => {
-                log::warn!(
-                    "{}: {msg} (further guest errors logged at debug level)",
-                    self.device
-                )
-            }
-            _ => log::warn!("{}: {msg}", self.device),
-        }
-        self.left = self.left.saturating_sub(1);
     }
 }
