@@ -210,11 +210,12 @@ impl VirtioDevice for Block {
             Ok(true) => active.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) => {
-                log::error!(
-                    "virtio-blk {}: request queue is broken, serving nothing until the driver \
-                     resets the device: {e}",
+                // Limited: a guest can break the queue again after every reset.
+                log.warn(format_args!(
+                    "{}: request queue is broken, serving nothing until the driver resets the \
+                     device: {e}",
                     disk.path().display()
-                );
+                ));
                 active.broken = true;
             }
         }
@@ -272,7 +273,7 @@ fn handle_chain(
         .and_then(|d| parse_descriptors(mem, &d, limits));
     let (status_addr, status, written) = match parsed {
         Ok(request) => {
-            let (status, written) = execute(disk, mem, &request);
+            let (status, written) = execute(disk, mem, &request, log);
             (request.status, status, written)
         }
         Err(ParseError::Rejected { status, reason }) => {
@@ -297,7 +298,12 @@ fn handle_chain(
 
 /// Runs a checked request. Returns the status and the number of data bytes written to the
 /// driver's buffers.
-fn execute(disk: &DiskImage, mem: &GuestMemoryMmap, request: &Request) -> (u8, u32) {
+fn execute(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    request: &Request,
+    log: &mut GuestLog,
+) -> (u8, u32) {
     let result = match &request.kind {
         RequestKind::Read { sector, segments } => {
             transfer(disk, mem, *sector, segments, Direction::ToGuest)
@@ -329,11 +335,12 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap, request: &Request) -> (u8, u
     match result {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
-            log::warn!(
-                "virtio-blk {}: {} failed: {e}",
+            // Limited: the guest decides how often a failing disk is asked again.
+            log.warn(format_args!(
+                "{}: {} failed: {e}",
                 disk.path().display(),
                 request.kind_name()
-            );
+            ));
             (VIRTIO_BLK_S_IOERR as u8, 0)
         }
     }

@@ -829,6 +829,33 @@ fn a_corrupt_avail_index_stops_the_queue_until_reset() {
 }
 
 #[test]
+fn breaking_the_queue_after_every_reset_cannot_flood_the_log() {
+    crate::test_log::start();
+    let mut d = Driver::new(false, None, ALL_FEATURES);
+    for _ in 0..50 {
+        d.set_avail_idx(QSIZE + 1);
+        d.block.process_queue(0);
+        d.block.reset();
+        let (queue, _) = new_queue(&d.mem);
+        d.block
+            .activate(
+                d.mem.clone(),
+                vec![queue],
+                d.interrupt.clone(),
+                ALL_FEATURES,
+            )
+            .unwrap();
+    }
+    let logged = crate::test_log::warnings();
+    assert!(
+        !logged.is_empty() && logged.len() <= crate::guest_log::GuestLog::LIMIT as usize,
+        "{logged:#?}"
+    );
+    (d.avail_idx, d.used_seen, d.next_desc) = (0, 0, 0);
+    d.assert_still_serving();
+}
+
+#[test]
 fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
     let mut d = Driver::new(false, None, ALL_FEATURES | (1 << VIRTIO_RING_F_EVENT_IDX));
     // used_event (after the avail ring) = 1: interrupt only once the second entry is used.
