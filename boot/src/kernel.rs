@@ -72,6 +72,15 @@ pub enum KernelError {
     )]
     EntryTooLow { entry: u64, min: u64 },
     #[error(
+        "the ELF kernel's {what} {entry:#x} is outside its loadable segments ({start:#x}..{end:#x})"
+    )]
+    EntryOutsideKernel {
+        what: &'static str,
+        entry: u64,
+        start: u64,
+        end: u64,
+    },
+    #[error(
         "the kernel does not fit in guest memory: it needs {start:#x}..{end:#x} ({needed_mib} MiB from \
          1 MiB); give the guest more memory"
     )]
@@ -179,13 +188,37 @@ fn arch_name(machine: u16) -> &'static str {
     }
 }
 
+/// The physical ranges an ELF kernel's loadable segments occupy.
+struct ElfExtent {
+    segments: Vec<(u64, u64)>,
+    start: u64,
+    end: u64,
+}
+
+impl ElfExtent {
+    /// A vCPU started anywhere else runs whatever the guest memory holds there (zeroes, or
+    /// nothing at all outside RAM): a hang or an emulation failure instead of a clear error.
+    fn check_entry(&self, what: &'static str, entry: u64) -> Result<(), KernelError> {
+        if self.segments.iter().any(|&(s, e)| (s..e).contains(&entry)) {
+            Ok(())
+        } else {
+            Err(KernelError::EntryOutsideKernel {
+                what,
+                entry,
+                start: self.start,
+                end: self.end,
+            })
+        }
+    }
+}
+
 /// Checks everything about the ELF file that linux-loader would either miss or report vaguely,
-/// and returns the physical range its loadable segments occupy.
+/// and returns where its loadable segments go.
 fn check_elf<M: GuestMemoryBackend>(
     mem: &M,
     kernel: &mut File,
     len: u64,
-) -> Result<(u64, u64), KernelError> {
+) -> Result<ElfExtent, KernelError> {
     let ehdr_size = std::mem::size_of::<Elf64_Ehdr>() as u64;
     // The class byte sits before anything that differs between 32- and 64-bit headers, so a
     // 32-bit ELF is recognised even when it is shorter than a 64-bit header.
@@ -239,6 +272,7 @@ fn check_elf<M: GuestMemoryBackend>(
 
     let mut lowest = u64::MAX;
     let mut highest = 0u64;
+    let mut segments = Vec::new();
     for i in 0..u64::from(ehdr.e_phnum) {
         let mut phdr = Elf64_Phdr::default();
         read_at(kernel, ehdr.e_phoff + i * phdr_size, phdr.as_mut_slice())?;
@@ -278,6 +312,7 @@ fn check_elf<M: GuestMemoryBackend>(
             .ok_or(KernelError::MalformedElf("segment address range overflows"))?;
         lowest = lowest.min(phdr.p_paddr);
         highest = highest.max(mem_end);
+        segments.push((phdr.p_paddr, mem_end));
     }
     if lowest == u64::MAX {
         return Err(KernelError::NoLoadableSegment);
@@ -289,7 +324,13 @@ fn check_elf<M: GuestMemoryBackend>(
         });
     }
     check_fits(mem, lowest, highest)?;
-    Ok((lowest, highest))
+    let extent = ElfExtent {
+        segments,
+        start: lowest,
+        end: highest,
+    };
+    extent.check_entry("entry point", ehdr.e_entry)?;
+    Ok(extent)
 }
 
 /// Errors unless `start..end` is RAM below the MMIO hole.
@@ -314,19 +355,23 @@ fn load_elf<M: GuestMemoryBackend>(
     kernel: &mut File,
     len: u64,
 ) -> Result<LoadedKernel, KernelError> {
-    let (_, end) = check_elf(mem, kernel, len)?;
+    let extent = check_elf(mem, kernel, len)?;
     let result: KernelLoaderResult =
         Elf::load(mem, None, kernel, Some(GuestAddress(layout::HIMEM_START)))
             .map_err(KernelError::Load)?;
     let (entry, kind) = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => (addr, EntryKind::Pvh),
+        PvhBootCapability::PvhEntryPresent(addr) => {
+            // The note is only read while loading, so its entry is checked here.
+            extent.check_entry("PVH entry point", addr.raw_value())?;
+            (addr, EntryKind::Pvh)
+        }
         _ => (result.kernel_load, EntryKind::Linux64),
     };
     Ok(LoadedKernel {
         entry,
         kind,
         setup_header: None,
-        kernel_end: GuestAddress(end.max(result.kernel_end)),
+        kernel_end: GuestAddress(extent.end.max(result.kernel_end)),
     })
 }
 
@@ -573,6 +618,55 @@ mod tests {
             load(&image),
             Err(KernelError::EntryTooLow { entry: 0x7000, .. })
         ));
+    }
+
+    #[test]
+    fn elf_entry_outside_its_segments_is_refused() {
+        // In RAM but past the code: the vCPU would run zeroes.
+        let mut image = elf(EM_X86_64, 0x10_0000, CODE, None);
+        image[24..32].copy_from_slice(&0x700_0000u64.to_le_bytes()); // e_entry
+        let err = load(&image).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::EntryOutsideKernel {
+                    entry: 0x700_0000,
+                    start: 0x10_0000,
+                    end: 0x10_0040,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Beyond guest RAM (and beyond the 4 GiB the page tables map).
+        image[24..32].copy_from_slice(&0x8_0000_0000u64.to_le_bytes());
+        assert!(matches!(
+            load(&image),
+            Err(KernelError::EntryOutsideKernel { .. })
+        ));
+        // One byte past the end of the last segment.
+        image[24..32].copy_from_slice(&0x10_0040u64.to_le_bytes());
+        assert!(matches!(
+            load(&image),
+            Err(KernelError::EntryOutsideKernel { .. })
+        ));
+        let pvh = elf(EM_X86_64, 0x10_0000, CODE, Some(0xdead_0000));
+        let err = load(&pvh).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::EntryOutsideKernel {
+                    what: "PVH entry point",
+                    entry: 0xdead_0000,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("PVH entry point 0xdead0000"),
+            "{err}"
+        );
     }
 
     /// A bzImage-shaped file: boot sector + one setup sector, then `payload`.

@@ -156,6 +156,49 @@ fn elf_for_i386_built_by_the_assembler() {
     );
 }
 
+/// A tiny x86_64 ELF kernel (one segment, `-N`) linked by `ld` with `ld_args`.
+fn elf64_linked_with(name: &str, ld_args: &[&str]) -> PathBuf {
+    let src = write_file(
+        &format!("{name}.S"),
+        b".globl _start\n_start:\n\tmov $0xfe, %al\n\toutb %al, $0x64\n\thlt\n",
+    );
+    let obj = scratch(&format!("{name}.o"));
+    let elf = scratch(&format!("{name}.elf"));
+    let ok = Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&obj)
+        .arg(&src)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("ld")
+            .args(["-m", "elf_x86_64", "-N", "--no-warn-rwx-segments"])
+            .args(ld_args)
+            .arg("-o")
+            .arg(&elf)
+            .arg(&obj)
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "binutils (as, ld) could not build an x86_64 ELF: scripts/deps.sh installs them"
+    );
+    elf
+}
+
+#[test]
+fn elf_entry_point_outside_its_code() {
+    // In RAM but past the code (the vCPU ran zeroes forever), and past the 4 GiB the boot page
+    // tables map (a page fault, then a triple fault that looked like a clean reset).
+    for (name, entry) in [("entry-112m", "0x7000000"), ("entry-32g", "0x800000000")] {
+        let elf = elf64_linked_with(name, &["-Ttext=0x100000", "-e", entry]);
+        bad_input(
+            &["run", "--kernel", elf.to_str().unwrap()],
+            &[&elf],
+            &[elf.to_str().unwrap(), "entry point", entry],
+        );
+    }
+}
+
 #[test]
 fn bzimage_cut_after_its_setup_header() {
     let bz = std::fs::read(common::kit_file("bzImage")).unwrap();
