@@ -240,16 +240,16 @@ pub fn parse_descriptors<M: GuestMemory>(
         return Err(reject(Rejection::ShortHeader(readable_len)));
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    read_bytes(mem, &segments(readable, 0, HEADER_LEN), &mut header).map_err(reject)?;
+    read_at(mem, readable, 0, &mut header).map_err(reject)?;
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
 
-    let out = segments(readable, HEADER_LEN, readable_len);
+    // Data for the device follows the header; the status byte is the last writable byte, and
+    // everything before it is data for the driver. Their segments are only built for the request
+    // types that move data.
     let out_len = readable_len - HEADER_LEN;
-    // The status byte is the last writable byte; everything before it is data for the driver.
-    let inp = segments(writable, 0, writable_len - 1);
     let in_len = writable_len - 1;
 
     let kind = match request_type {
@@ -260,7 +260,7 @@ pub fn parse_descriptors<M: GuestMemory>(
             check_sectors(sector, in_len, limits).map_err(reject)?;
             RequestKind::Read {
                 sector,
-                segments: inp,
+                segments: segments(writable, 0, in_len),
             }
         }
         VIRTIO_BLK_T_OUT => {
@@ -273,7 +273,7 @@ pub fn parse_descriptors<M: GuestMemory>(
             check_sectors(sector, out_len, limits).map_err(reject)?;
             RequestKind::Write {
                 sector,
-                segments: out,
+                segments: segments(readable, HEADER_LEN, readable_len),
             }
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -311,7 +311,7 @@ pub fn parse_descriptors<M: GuestMemory>(
                 return Err(reject(Rejection::BadSegments(out_len)));
             }
             let mut seg = [0u8; DISCARD_SEGMENT_LEN as usize];
-            read_bytes(mem, &out, &mut seg).map_err(reject)?;
+            read_at(mem, readable, HEADER_LEN, &mut seg).map_err(reject)?;
             let mut s = [0u8; 8];
             s.copy_from_slice(&seg[0..8]);
             let range_sector = u64::from_le_bytes(s);
@@ -355,28 +355,42 @@ fn total_len(descs: &[Descriptor]) -> u64 {
 
 /// The bytes `start..end` of the concatenation of `descs`, as segments.
 fn segments(descs: &[Descriptor], start: u64, end: u64) -> Vec<Segment> {
-    let mut out = Vec::new();
-    let mut offset = 0u64;
-    for d in descs {
-        let len = u64::from(d.len());
-        let (from, to) = (start.max(offset), end.min(offset + len));
-        // Callers checked every descriptor lies in guest memory, so the address cannot wrap.
-        if let (true, Some(addr)) = (from < to, d.addr().0.checked_add(from - offset)) {
-            out.push(Segment {
-                addr: GuestAddress(addr),
-                // A piece of one descriptor: fits in u32.
-                len: (to - from) as u32,
-            });
-        }
-        offset += len;
-    }
-    out
+    pieces(descs, start, end).collect()
 }
 
-fn read_bytes<M: GuestMemory>(mem: &M, segs: &[Segment], buf: &mut [u8]) -> Result<(), Rejection> {
+/// The bytes `start..end` of the concatenation of `descs`, one piece per descriptor they touch.
+fn pieces(descs: &[Descriptor], start: u64, end: u64) -> impl Iterator<Item = Segment> + '_ {
+    descs
+        .iter()
+        .scan(0u64, move |offset, d| {
+            let at = *offset;
+            let len = u64::from(d.len());
+            *offset += len;
+            let (from, to) = (start.max(at), end.min(at + len));
+            // Callers checked every descriptor lies in guest memory, so the address cannot wrap.
+            let piece = match (from < to, d.addr().0.checked_add(from - at)) {
+                (true, Some(addr)) => Some(Segment {
+                    addr: GuestAddress(addr),
+                    // A piece of one descriptor: fits in u32.
+                    len: (to - from) as u32,
+                }),
+                _ => None,
+            };
+            Some(piece)
+        })
+        .flatten()
+}
+
+/// Fills `buf` from the bytes of `descs` at `start` on (the caller checked there are enough).
+fn read_at<M: GuestMemory>(
+    mem: &M,
+    descs: &[Descriptor],
+    start: u64,
+    buf: &mut [u8],
+) -> Result<(), Rejection> {
     let mut done = 0usize;
-    for s in segs {
-        let n = (s.len as usize).min(buf.len() - done);
+    for s in pieces(descs, start, start + buf.len() as u64) {
+        let n = s.len as usize;
         mem.read_slice(&mut buf[done..done + n], s.addr)
             .map_err(|_| Rejection::OutsideMemory {
                 addr: s.addr.0,
