@@ -13,12 +13,13 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlockError, DiskImage, SECTOR_SIZE};
 use super::request::{
-    collect_chain, parse_descriptors, DiskLimits, ParseError, Request, RequestKind, Segment,
+    collect_chain_into, parse_descriptors, DiskLimits, ParseError, Request, RequestKind, Segment,
 };
 use super::DiskConfig;
 use crate::virtio::{ActivateError, GuestLog, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
@@ -47,6 +48,8 @@ struct Active {
     limits: DiskLimits,
     /// Set when the driver corrupted the queue itself; nothing more is served until a reset.
     broken: bool,
+    /// The chain being served, kept to spare an allocation per request.
+    descs: Vec<Descriptor>,
 }
 
 impl Block {
@@ -192,6 +195,7 @@ impl VirtioDevice for Block {
             interrupt,
             limits,
             broken: false,
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         });
         Ok(())
     }
@@ -234,7 +238,11 @@ fn serve(
     log: &mut GuestLog,
 ) -> Result<bool, virtio_queue::Error> {
     let Active {
-        mem, queue, limits, ..
+        mem,
+        queue,
+        limits,
+        descs,
+        ..
     } = active;
     let mut used_any = false;
     loop {
@@ -248,7 +256,8 @@ fn serve(
                 ));
                 continue;
             }
-            let used_len = handle_chain(disk, mem, limits, log, collect_chain(chain));
+            let chain = collect_chain_into(chain, descs).map(|()| descs.as_slice());
+            let used_len = handle_chain(disk, mem, limits, log, chain);
             queue.add_used(mem, head, used_len)?;
             used_any = true;
         }
@@ -266,11 +275,11 @@ fn handle_chain(
     mem: &GuestMemoryMmap,
     limits: &DiskLimits,
     log: &mut GuestLog,
-    descs: Result<Vec<virtio_queue::desc::split::Descriptor>, super::ChainError>,
+    descs: Result<&[Descriptor], super::ChainError>,
 ) -> u32 {
     let parsed = descs
         .map_err(ParseError::from)
-        .and_then(|d| parse_descriptors(mem, &d, limits));
+        .and_then(|d| parse_descriptors(mem, d, limits));
     let (status_addr, status, written) = match parsed {
         Ok(request) => {
             let (status, written) = execute(disk, mem, &request, log);

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 pub use backend::{BlockError, DiskImage, DISK_ID_LEN, SECTOR_SIZE};
 pub use device::{Block, QUEUE_SIZE};
 pub use request::{
-    collect_chain, parse_descriptors, ChainError, DiskLimits, ParseError, Rejection, Request,
-    RequestKind, SectorRange, Segment,
+    collect_chain, collect_chain_into, parse_descriptors, ChainError, DiskLimits, ParseError,
+    Rejection, Request, RequestKind, SectorRange, Segment,
 };
 
 /// One `--disk` as the user gave it.

@@ -185,11 +185,26 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let descs: Vec<Descriptor> = chain.collect();
+    let mut descs = Vec::new();
+    collect_chain_into(chain, &mut descs)?;
+    Ok(descs)
+}
+
+/// [`collect_chain`] into `descs` (cleared first), so that serving a queue can reuse one buffer.
+pub fn collect_chain_into<M>(
+    chain: DescriptorChain<M>,
+    descs: &mut Vec<Descriptor>,
+) -> Result<(), ChainError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    descs.clear();
+    descs.extend(chain);
     match descs.last() {
         None => Err(ChainError::Empty),
         Some(d) if d.has_next() => Err(ChainError::Unterminated),
-        Some(_) => Ok(descs),
+        Some(_) => Ok(()),
     }
 }
 
