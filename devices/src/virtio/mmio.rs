@@ -826,9 +826,16 @@ mod tests {
         g.em.run_with_timeout(0).unwrap();
         assert_eq!(g.used_idx(), 1);
 
+        g.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        g.write(VIRTIO_MMIO_QUEUE_SEL, 5);
         g.write(VIRTIO_MMIO_STATUS, 0);
         assert_eq!(g.status(), 0);
         assert!(!g.dev.lock().unwrap().is_active());
+        // Selectors and the accepted features are back to their initial values too.
+        let offered = g.dev.lock().unwrap().device().features();
+        assert_eq!(g.read(VIRTIO_MMIO_DEVICE_FEATURES), offered as u32);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        assert_eq!(g.dev.lock().unwrap().driver_features, 0);
         assert!(!g.dev.lock().unwrap().device().is_active());
         assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 0);
         assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
