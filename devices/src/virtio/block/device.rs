@@ -12,10 +12,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlockError, DiskImage, SECTOR_SIZE};
 use super::request::{
@@ -266,7 +266,18 @@ fn serve(
             break;
         }
     }
-    Ok(used_any && queue.needs_notification(mem)?)
+    if !used_any {
+        return Ok(false);
+    }
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem);
+    }
+    // virtio-queue ignores the driver's VRING_AVAIL_F_NO_INTERRUPT, which it sets while it polls
+    // the used ring (spec 2.7.7.2: the device should not interrupt then).
+    let flags: u16 = mem
+        .read_obj(GuestAddress(queue.avail_ring()))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
 /// Parses and executes one chain, writes its status byte, and returns the used length.

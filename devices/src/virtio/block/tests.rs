@@ -8,7 +8,8 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
 };
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
@@ -868,6 +869,23 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         "interrupt for entry 0"
     );
     d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(d.interrupt.eventfd().read().unwrap(), 1);
+}
+
+#[test]
+fn without_event_idx_no_interrupt_is_honoured() {
+    let mut d = Driver::new(false, None, ALL_FEATURES);
+    let flags = GuestAddress(d.rings.avail);
+    d.mem
+        .write_obj(u16::to_le(VRING_AVAIL_F_NO_INTERRUPT as u16), flags)
+        .unwrap();
+    assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+    assert!(
+        d.interrupt.eventfd().read().is_err(),
+        "interrupt while polling"
+    );
+    d.mem.write_obj(0u16, flags).unwrap();
+    assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
     assert_eq!(d.interrupt.eventfd().read().unwrap(), 1);
 }
 
