@@ -294,6 +294,19 @@ fn memory_that_does_not_parse() {
 }
 
 #[test]
+fn memory_that_is_not_whole_pages() {
+    // KVM refused these memory slots with a bare "Invalid argument".
+    let h = hello();
+    for odd in ["132097K", "3145729K", "4194305"] {
+        bad_input(
+            &["run", "--kernel", &h, "--memory", odd],
+            &[Path::new(&h)],
+            &["--memory", odd, "4K"],
+        );
+    }
+}
+
+#[test]
 fn cpus_beyond_what_kvm_and_the_tables_allow() {
     let h = hello();
     for bad in ["255", "300", "-1", "two", "1.5", ""] {

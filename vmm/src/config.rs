@@ -15,6 +15,8 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 pub const MAX_CPUS: u8 = 254;
 /// Below this a kernel has no room for itself next to the tables in low memory.
 pub const MIN_MEMORY: u64 = 2 << 20;
+/// KVM maps guest memory in whole pages: a slot of any other size fails with a bare EINVAL.
+const MEMORY_ALIGN: u64 = 4 << 10;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -22,6 +24,8 @@ pub enum ConfigError {
     BadSize(String),
     #[error("--memory {0}: at least 2M is needed")]
     MemoryTooSmall(String),
+    #[error("--memory {0}: must be a whole number of 4K pages")]
+    MemoryNotPageAligned(String),
     #[error("--cpus {0:?}: expected a number from 1 to {MAX_CPUS}")]
     BadCpus(String),
     #[error("--serial {0:?}: expected stdio, null or file=PATH")]
@@ -92,6 +96,9 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
     let size = parse_size(s)?;
     if size < MIN_MEMORY {
         return Err(ConfigError::MemoryTooSmall(s.to_string()));
+    }
+    if size % MEMORY_ALIGN != 0 {
+        return Err(ConfigError::MemoryNotPageAligned(s.to_string()));
     }
     Ok(size)
 }
@@ -213,6 +220,14 @@ mod tests {
         assert!(parse_memory("0").is_err());
         assert!(parse_memory("1M").is_err());
         assert_eq!(parse_memory("2M").unwrap(), 2 << 20);
+        // Below and above the MMIO hole, KVM takes only whole pages.
+        assert_eq!(parse_memory("132100K").unwrap(), 132100 << 10);
+        for odd in ["132097K", "3145729K", "4194305", "3221225473"] {
+            assert_eq!(
+                parse_memory(odd),
+                Err(ConfigError::MemoryNotPageAligned(odd.to_string()))
+            );
+        }
     }
 
     #[test]
