@@ -466,6 +466,12 @@ impl<D: VirtioDevice> MutEventSubscriber for MmioTransport<D> {
         let _ = evt.read();
         if self.active {
             self.device.process_queue(index);
+            // Spec 2.1.2: set DEVICE_NEEDS_RESET, and with DRIVER_OK set, say so with a
+            // configuration change notification.
+            if self.device.needs_reset() && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
+            }
         }
     }
 }
@@ -854,6 +860,32 @@ mod tests {
             g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
             VIRTIO_BLK_S_OK as u8
         );
+    }
+
+    #[test]
+    fn a_queue_the_driver_broke_is_reported_as_needs_reset() {
+        let mut g = Guest::new();
+        g.init();
+        // More new entries than the queue holds.
+        g.mem
+            .write_obj(QSIZE as u16 + 1, GuestAddress(AVAIL + 2))
+            .unwrap();
+        g.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 0);
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        // Once: a later notification does not raise it again.
+        g.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+        g.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A reset clears it and the device serves again.
+        g.init();
+        g.submit_read(2);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+        assert_eq!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     }
 
     #[test]

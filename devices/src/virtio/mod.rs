@@ -52,6 +52,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index`: serve what it made available.
     fn process_queue(&mut self, index: usize);
+    /// Whether the device stopped serving until the driver resets it (the driver broke a queue);
+    /// the transport then tells the driver with DEVICE_NEEDS_RESET.
+    fn needs_reset(&self) -> bool {
+        false
+    }
     /// Drops the queues and any in-flight state: the device is as it was before activation.
     fn reset(&mut self);
 }

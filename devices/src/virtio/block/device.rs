@@ -225,6 +225,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn needs_reset(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.broken)
+    }
+
     fn reset(&mut self) {
         self.active = None;
     }
