@@ -190,6 +190,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn write_queue_reg(&mut self, offset: u32, value: u32) {
+        // Linux's vm_del_vq writes QueueReady = 0 after it has reset the device: already so, and
+        // not a guest error.
+        if offset == VIRTIO_MMIO_QUEUE_READY
+            && value == 0
+            && self.selected_queue().is_some_and(|q| !q.ready())
+        {
+            return;
+        }
         // Queues are set up after FEATURES_OK and frozen once the device is live (spec 3.1.1).
         let settable = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
@@ -886,6 +894,23 @@ mod tests {
         g.em.run_with_timeout(0).unwrap();
         assert_eq!(g.used_idx(), 1);
         assert_eq!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn linux_removing_the_device_is_not_a_guest_error() {
+        let mut g = Guest::new();
+        g.init();
+        crate::test_log::start();
+        // virtio_reset_device, then vm_del_vq for each queue.
+        g.write(VIRTIO_MMIO_STATUS, 0);
+        g.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        g.write(VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 0);
+        let logged = crate::test_log::warnings();
+        assert!(logged.is_empty(), "{logged:#?}");
+        // Still refused where it would change something.
+        g.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 0);
     }
 
     #[test]
