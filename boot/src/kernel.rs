@@ -90,6 +90,11 @@ pub enum KernelError {
         needed_mib: u64,
     },
     #[error(
+        "the kernel wants {start:#x}..{end:#x}, which reaches past {limit:#x} where the MMIO hole \
+         starts; Ember loads kernels into the RAM below it, whatever --memory is"
+    )]
+    BeyondLowMemory { start: u64, end: u64, limit: u64 },
+    #[error(
         "the bzImage uses boot protocol {major}.{minor:02}, which has no 64-bit entry point; Ember \
          needs protocol 2.12 or later"
     )]
@@ -335,6 +340,14 @@ fn check_elf<M: GuestMemoryBackend>(
 
 /// Errors unless `start..end` is RAM below the MMIO hole.
 fn check_fits<M: GuestMemoryBackend>(mem: &M, start: u64, end: u64) -> Result<(), KernelError> {
+    // More guest memory cannot help here: RAM above the hole starts at 4 GiB.
+    if end > layout::MMIO_HOLE_START {
+        return Err(KernelError::BeyondLowMemory {
+            start,
+            end,
+            limit: layout::MMIO_HOLE_START,
+        });
+    }
     let fits = end <= low_ram_end(mem)
         && usize::try_from(end - start)
             .map(|n| GuestMemoryBackend::check_range(mem, GuestAddress(start), n))
@@ -667,6 +680,19 @@ mod tests {
             err.to_string().contains("PVH entry point 0xdead0000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn elf_linked_in_or_above_the_mmio_hole_is_not_a_memory_size_problem() {
+        // Straddling the hole start, linked at 3.5 GiB, linked above 4 GiB.
+        for addr in [0xbfff_ffe0, 0xe000_0000, 0x1_4000_0000] {
+            let err = load_with_memory(&elf(EM_X86_64, addr, CODE, None), 6 << 30).unwrap_err();
+            assert!(
+                matches!(err, KernelError::BeyondLowMemory { start, .. } if start == addr),
+                "{addr:#x}: {err:?}"
+            );
+            assert!(!err.to_string().contains("more memory"), "{err}");
+        }
     }
 
     /// A bzImage-shaped file: boot sector + one setup sector, then `payload`.

@@ -200,6 +200,20 @@ fn elf_entry_point_outside_its_code() {
 }
 
 #[test]
+fn elf_linked_at_3_5_gib() {
+    // With little memory or a lot, the segment is in the MMIO hole, never in RAM.
+    let elf = elf64_linked_with("at-3.5g", &["-Ttext=0xe0000000"]);
+    for memory in ["128M", "6G"] {
+        let line = bad_input(
+            &["run", "--kernel", elf.to_str().unwrap(), "--memory", memory],
+            &[&elf],
+            &[elf.to_str().unwrap(), "0xe0000000", "MMIO hole"],
+        );
+        assert!(!line.contains("more memory"), "{line}");
+    }
+}
+
+#[test]
 fn bzimage_cut_after_its_setup_header() {
     let bz = std::fs::read(common::kit_file("bzImage")).unwrap();
     let k = write_file("bzImage-cut", &bz[..16 * 1024]);
