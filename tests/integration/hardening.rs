@@ -379,6 +379,38 @@ fn disk_is_a_directory() {
 }
 
 #[test]
+fn disk_that_is_a_fifo_or_a_character_device() {
+    // A read-only FIFO blocked Ember in open(2) until a writer came; /dev/null was a disk of
+    // zero sectors.
+    let fifo = scratch("disk.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success()));
+    let h = hello();
+    for (path, kind) in [
+        (fifo.as_path(), "FIFO"),
+        (Path::new("/dev/null"), "character device"),
+    ] {
+        for ro in ["on", "off"] {
+            bad_input(
+                &[
+                    "run",
+                    "--kernel",
+                    &h,
+                    "--disk",
+                    &format!("path={},readonly={ro}", path.display()),
+                ],
+                &[Path::new(&h)],
+                &[path.to_str().unwrap(), kind],
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&fifo);
+}
+
+#[test]
 fn disk_without_write_permission() {
     // Tests run as root, which ignores mode bits on ordinary files; a read-only sysfs attribute
     // refuses a read-write open even to root.

@@ -4,6 +4,8 @@
 //! IRQ, one ioeventfd per queue at QueueNotify (datamatch = queue index), a place on the MMIO bus,
 //! and a subscriber on the event loop, which is where its requests are served.
 
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ember_boot::layout::MmioDeviceInfo;
@@ -21,6 +23,11 @@ pub enum DiskError {
     TooMany { max: u32 },
     #[error(transparent)]
     Image(#[from] BlockError),
+    #[error("disk image {} is {kind}, not a file or a block device", path.display())]
+    NotAnImage {
+        path: std::path::PathBuf,
+        kind: &'static str,
+    },
     #[error("disk {}: cannot create the virtio-mmio device: {source}", path.display())]
     Transport {
         path: std::path::PathBuf,
@@ -48,6 +55,33 @@ pub enum DiskError {
     },
 }
 
+/// Refuses what cannot back a disk before it is opened: opening a FIFO read-only blocks until a
+/// writer comes (Ember hung), and a directory or a character device has no size to offer.
+/// A path Ember cannot stat is left to the open, which reports why.
+fn check_image_kind(path: &Path) -> Result<(), DiskError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let kind = if t.is_file() || t.is_block_device() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(DiskError::NotAnImage {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
 /// Creates one virtio-blk device per disk, in order (the first is the guest's vda), and returns
 /// the slots they took: the DSDT describes them and each `cmdline_word()` goes on the kernel
 /// command line.
@@ -67,6 +101,7 @@ pub fn attach_disks(
                 max: ember_boot::layout::VIRTIO_IRQ_MAX - ember_boot::layout::VIRTIO_IRQ_BASE + 1,
             })?;
         let path = || disk.path.clone();
+        check_image_kind(&disk.path)?;
         let block = Block::new(disk)?;
         let transport =
             MmioTransport::new(mem.clone(), block).map_err(|source| DiskError::Transport {
