@@ -440,6 +440,8 @@ fn disk_specs_that_do_not_parse() {
         (format!("path={img},colour=red"), "colour"),
         (format!("path={img},id="), "id"),
         (format!("path={img},id={}", "z".repeat(21)), "id"),
+        (format!("path={img},readonly=on,readonly=off"), "twice"),
+        (format!("path={img},path=/nonexistent/other.img"), "twice"),
         ("readonly=on".to_string(), "path"),
         ("path=".to_string(), "path"),
         (String::new(), "--disk"),

@@ -130,7 +130,18 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let mut path = None;
     let mut readonly = false;
     let mut id = None;
+    // The last of two values silently won: `readonly=on,readonly=off` gave a writable disk.
+    let mut seen: Vec<&str> = Vec::new();
     for (i, part) in spec.split(',').enumerate() {
+        let key = match part.split_once('=') {
+            Some(("ro", _)) => "readonly",
+            Some((k, _)) => k,
+            None => "path",
+        };
+        if seen.contains(&key) {
+            return Err(bad(&format!("{key} is given twice")));
+        }
+        seen.push(key);
         match part.split_once('=') {
             Some(("path", v)) => path = Some(v),
             Some(("readonly" | "ro", v)) => {
@@ -268,6 +279,18 @@ mod tests {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
         assert!(parse_disk("path=a,id=aaaaaaaaaaaaaaaaaaaaa").is_err());
+        for twice in [
+            "path=a,readonly=on,readonly=off",
+            "path=a,ro=on,readonly=off",
+            "path=a,path=b",
+            "a,path=b",
+            "path=a,id=x,id=y",
+        ] {
+            assert!(
+                matches!(parse_disk(twice), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("twice")),
+                "{twice}"
+            );
+        }
     }
 
     #[test]
