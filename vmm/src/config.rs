@@ -134,14 +134,18 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let mut seen: Vec<&str> = Vec::new();
     for (i, part) in spec.split(',').enumerate() {
         let key = match part.split_once('=') {
-            Some(("ro", _)) => "readonly",
-            Some((k, _)) => k,
-            None => "path",
+            Some(("ro", _)) => Some("readonly"),
+            Some((k @ ("path" | "readonly" | "id"), _)) => Some(k),
+            None if i == 0 => Some("path"),
+            // Unknown keys are refused below.
+            _ => None,
         };
-        if seen.contains(&key) {
-            return Err(bad(&format!("{key} is given twice")));
+        if let Some(key) = key {
+            if seen.contains(&key) {
+                return Err(bad(&format!("{key} is given twice")));
+            }
+            seen.push(key);
         }
-        seen.push(key);
         match part.split_once('=') {
             Some(("path", v)) => path = Some(v),
             Some(("readonly" | "ro", v)) => {
@@ -279,6 +283,9 @@ mod tests {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
         assert!(parse_disk("path=a,id=aaaaaaaaaaaaaaaaaaaaa").is_err());
+        assert!(
+            matches!(parse_disk("path=a,foo"), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("unknown key")),
+        );
         for twice in [
             "path=a,readonly=on,readonly=off",
             "path=a,ro=on,readonly=off",
