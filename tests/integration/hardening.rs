@@ -411,6 +411,51 @@ fn disk_that_is_a_fifo_or_a_character_device() {
 }
 
 #[test]
+fn same_disk_image_given_twice() {
+    // The image lock refused the second open, as if another process held the image.
+    let h = hello();
+    let img = write_file("twice.img", &[7u8; 4096]);
+    let link = scratch("twice-link.img");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let (img_s, link_s) = (img.to_str().unwrap(), link.to_str().unwrap());
+    for (first, second) in [
+        (format!("path={img_s}"), format!("path={img_s}")),
+        (
+            format!("path={img_s},readonly=on"),
+            format!("path={link_s}"),
+        ),
+        (
+            format!("path={img_s}"),
+            format!("path={link_s},readonly=on"),
+        ),
+    ] {
+        let line = bad_input(
+            &["run", "--kernel", &h, "--disk", &first, "--disk", &second],
+            &[Path::new(&h), &img],
+            &["twice"],
+        );
+        assert!(!line.contains("another process"), "{line}");
+    }
+    // Read-only twice is fine: neither writes.
+    let run = common::run_ember(
+        &[
+            "run",
+            "--kernel",
+            &h,
+            "--disk",
+            &format!("path={img_s},readonly=on"),
+            "--disk",
+            &format!("path={link_s},readonly=on"),
+        ],
+        b"",
+        DEADLINE,
+    );
+    run.ok();
+    let _ = std::fs::remove_file(&link);
+}
+
+#[test]
 fn disk_without_write_permission() {
     // Tests run as root, which ignores mode bits on ordinary files; a read-only sysfs attribute
     // refuses a read-write open even to root.

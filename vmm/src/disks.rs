@@ -4,7 +4,7 @@
 //! IRQ, one ioeventfd per queue at QueueNotify (datamatch = queue index), a place on the MMIO bus,
 //! and a subscriber on the event loop, which is where its requests are served.
 
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +23,15 @@ pub enum DiskError {
     TooMany { max: u32 },
     #[error(transparent)]
     Image(#[from] BlockError),
+    #[error(
+        "disk image {} is given twice (also as {}); only read-only disks may share an image",
+        path.display(),
+        first.display()
+    )]
+    GivenTwice {
+        path: std::path::PathBuf,
+        first: std::path::PathBuf,
+    },
     #[error("disk image {} is {kind}, not a file or a block device", path.display())]
     NotAnImage {
         path: std::path::PathBuf,
@@ -82,6 +91,37 @@ fn check_image_kind(path: &Path) -> Result<(), DiskError> {
     })
 }
 
+/// Which image a path names: the same file through another path or a symlink, or the same block
+/// device through another device node, is the same image.
+fn image_identity(path: &Path) -> Option<(bool, u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(if meta.file_type().is_block_device() {
+        (true, meta.rdev(), 0)
+    } else {
+        (false, meta.dev(), meta.ino())
+    })
+}
+
+/// The image lock would refuse a second writer too, but as "in use by another process", which
+/// sends the user looking for a process that does not exist.
+fn check_not_given_twice(disks: &[DiskConfig]) -> Result<(), DiskError> {
+    let ids: Vec<_> = disks.iter().map(|d| image_identity(&d.path)).collect();
+    for (i, disk) in disks.iter().enumerate() {
+        let Some(id) = ids[i] else { continue };
+        let earlier = disks[..i]
+            .iter()
+            .zip(&ids)
+            .find(|(d, other)| **other == Some(id) && !(d.readonly && disk.readonly));
+        if let Some((first, _)) = earlier {
+            return Err(DiskError::GivenTwice {
+                path: disk.path.clone(),
+                first: first.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Creates one virtio-blk device per disk, in order (the first is the guest's vda), and returns
 /// the slots they took: the DSDT describes them and each `cmdline_word()` goes on the kernel
 /// command line.
@@ -92,6 +132,7 @@ pub fn attach_disks(
     mem: &GuestMemoryMmap,
     disks: &[DiskConfig],
 ) -> Result<Vec<MmioDeviceInfo>, DiskError> {
+    check_not_given_twice(disks)?;
     let mut slots = Vec::with_capacity(disks.len());
     for (i, disk) in disks.iter().enumerate() {
         let slot = u32::try_from(i)
