@@ -81,12 +81,13 @@ pub enum KernelError {
         end: u64,
     },
     #[error(
-        "the kernel does not fit in guest memory: it needs {start:#x}..{end:#x} ({needed_mib} MiB from \
-         1 MiB); give the guest more memory"
+        "the kernel does not fit in guest memory: it needs {start:#x}..{end:#x}, so at least \
+         --memory {needed_mib}M"
     )]
     TooBig {
         start: u64,
         end: u64,
+        /// Guest RAM starts at 0, so this is `end` rounded up to whole MiB.
         needed_mib: u64,
     },
     #[error(
@@ -619,6 +620,9 @@ mod tests {
         let err = load_with_memory(&image, 8 << 20).unwrap_err();
         assert!(matches!(err, KernelError::TooBig { .. }), "{err:?}");
         assert!(err.to_string().contains("does not fit in guest memory"));
+        // 1 MiB + 16 MiB: a guest of 17 MiB holds it (it said "17 MiB from 1 MiB").
+        assert!(err.to_string().ends_with("at least --memory 17M"), "{err}");
+        assert!(load_with_memory(&image, 17 << 20).is_ok());
     }
 
     #[test]
