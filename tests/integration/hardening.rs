@@ -224,6 +224,32 @@ fn bzimage_cut_after_its_setup_header() {
     );
 }
 
+/// A named pipe nobody writes to.
+fn fifo(name: &str) -> PathBuf {
+    let p = scratch(name);
+    let _ = std::fs::remove_file(&p);
+    assert!(Command::new("mkfifo")
+        .arg(&p)
+        .status()
+        .is_ok_and(|s| s.success()));
+    p
+}
+
+#[test]
+fn kernel_or_initramfs_that_is_a_fifo() {
+    // Ember hung in open(2), waiting for a writer.
+    let f = fifo("kernel.fifo");
+    let f_s = f.to_str().unwrap();
+    let h = hello();
+    bad_input(&["run", "--kernel", f_s], &[], &[f_s, "FIFO"]);
+    bad_input(
+        &["run", "--kernel", &h, "--initramfs", f_s],
+        &[Path::new(&h)],
+        &[f_s, "FIFO"],
+    );
+    let _ = std::fs::remove_file(&f);
+}
+
 #[test]
 fn kernel_is_a_directory() {
     let d = scratch("kernel.d");
@@ -382,12 +408,7 @@ fn disk_is_a_directory() {
 fn disk_that_is_a_fifo_or_a_character_device() {
     // A read-only FIFO blocked Ember in open(2) until a writer came; /dev/null was a disk of
     // zero sectors.
-    let fifo = scratch("disk.fifo");
-    let _ = std::fs::remove_file(&fifo);
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .is_ok_and(|s| s.success()));
+    let fifo = fifo("disk.fifo");
     let h = hello();
     for (path, kind) in [
         (fifo.as_path(), "FIFO"),

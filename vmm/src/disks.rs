@@ -64,31 +64,38 @@ pub enum DiskError {
     },
 }
 
-/// Refuses what cannot back a disk before it is opened: opening a FIFO read-only blocks until a
-/// writer comes (Ember hung), and a directory or a character device has no size to offer.
+/// What a file that cannot serve as an image (a disk, a kernel, an initramfs) is, for the error:
+/// opening a FIFO read-only blocks until a writer comes, and a directory or a character device
+/// has no size to offer. `None` for a regular file or a block device.
+pub(crate) fn unusable_file_kind(t: std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() || t.is_block_device() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a special file")
+    }
+}
+
+/// Refuses what cannot back a disk before it is opened (a read-only FIFO hung Ember in open).
 /// A path Ember cannot stat is left to the open, which reports why.
 fn check_image_kind(path: &Path) -> Result<(), DiskError> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };
-    let t = meta.file_type();
-    let kind = if t.is_file() || t.is_block_device() {
-        return Ok(());
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    };
-    Err(DiskError::NotAnImage {
-        path: path.to_path_buf(),
-        kind,
-    })
+    match unusable_file_kind(meta.file_type()) {
+        None => Ok(()),
+        Some(kind) => Err(DiskError::NotAnImage {
+            path: path.to_path_buf(),
+            kind,
+        }),
+    }
 }
 
 /// Which image a path names: the same file through another path or a symlink, or the same block

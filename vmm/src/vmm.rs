@@ -177,15 +177,25 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
 }
 
 fn open_read(path: &Path) -> Result<File> {
-    let f = File::open(path).map_err(|source| VmmError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let is_dir = f.metadata().map(|m| m.is_dir()).unwrap_or(false);
-    if is_dir {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a FIFO is refused below instead of blocking the open until a writer
+    // comes; reads of regular files and block devices ignore the flag.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| VmmError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let kind = f
+        .metadata()
+        .ok()
+        .and_then(|m| crate::disks::unusable_file_kind(m.file_type()));
+    if let Some(kind) = kind {
         return Err(VmmError::Open {
             path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "is a directory"),
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("is {kind}")),
         });
     }
     Ok(f)
