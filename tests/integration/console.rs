@@ -77,3 +77,30 @@ fn sigterm_stops_the_guest_with_143_and_restores_the_terminal() {
         "terminal not restored:\n{out}"
     );
 }
+
+#[test]
+fn a_console_reader_that_goes_away_ends_ember_with_141_quietly() {
+    common::kvm_kind();
+    let guest = common::guest("echo");
+    // `head` leaves after the ready line; the guest's next echo then meets a closed pipe.
+    let script = format!(
+        "(sleep 0.3; echo one; sleep 0.3; echo two; sleep 2) | '{}' run --kernel '{}' 2>err | head -n 1; \
+         echo \"status=${{PIPESTATUS[1]}}\"; cat err",
+        common::ember(),
+        guest.display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(script);
+    let dir = std::env::temp_dir().join(format!("ember-console-closed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    cmd.current_dir(&dir);
+    let run = run_command(cmd, b"", Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = run.stdout;
+    assert!(out.starts_with("echo: ready"), "{out}");
+    assert!(out.contains("status=141"), "{out}");
+    // Only the kvm_pvm notice may be on stderr: no per-byte write errors, no `ember: error`.
+    for line in out.lines().skip(2) {
+        assert!(line.starts_with("ember: warning: /dev/kvm is kvm_pvm"), "{out}");
+    }
+}

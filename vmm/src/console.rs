@@ -3,25 +3,39 @@
 //! Output is written through unbuffered: a UART emits a byte at a time and a user watching a
 //! console expects to see each one. The writer also feeds the boot timeline (first byte, ready
 //! marker).
+//!
+//! When the console's reader goes away (`ember run ... | head -1`, a closed terminal), nobody can
+//! see the guest any more: Ember ends the VM and exits 141, as a pipeline stage killed by SIGPIPE
+//! does, instead of running a guest whose output is thrown away.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 
 use crate::timeline::{self, Phase};
+use crate::vcpu::{ExitReason, VmControl};
 
 pub struct ConsoleOut {
     sink: Box<dyn Write + Send>,
     marker: Option<MarkerScan>,
+    ctl: Arc<VmControl>,
+    reader_gone: bool,
 }
 
 impl ConsoleOut {
-    pub fn new(sink: Box<dyn Write + Send>, ready_marker: Option<&str>) -> Self {
+    pub fn new(
+        sink: Box<dyn Write + Send>,
+        ready_marker: Option<&str>,
+        ctl: Arc<VmControl>,
+    ) -> Self {
         ConsoleOut {
             sink,
             marker: ready_marker
                 .filter(|m| !m.is_empty())
                 .map(|m| MarkerScan::new(m.as_bytes())),
+            ctl,
+            reader_gone: false,
         }
     }
 
@@ -48,11 +62,25 @@ impl Write for ConsoleOut {
                 self.marker = None;
             }
         }
-        self.sink.write_all(buf)?;
-        Ok(buf.len())
+        if self.reader_gone {
+            // The VM is stopping; what the guest writes meanwhile has no reader.
+            return Ok(buf.len());
+        }
+        match self.sink.write_all(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                log::debug!("console: the reader of the guest's output has gone; stopping");
+                self.reader_gone = true;
+                self.ctl.request_exit(ExitReason::Signal(libc::SIGPIPE));
+                Ok(buf.len())
+            }
+            r => r.map(|()| buf.len()),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.reader_gone {
+            return Ok(());
+        }
         self.sink.flush()
     }
 }
@@ -143,5 +171,46 @@ mod tests {
         assert!(m.feed(b"dy\n"));
         let mut m = MarkerScan::new(b"aab");
         assert!(m.feed(b"aaab"));
+    }
+
+    struct ClosedPipe;
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_closed_reader_ends_the_vm_as_sigpipe_would() {
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let mut out = ConsoleOut::new(Box::new(ClosedPipe), None, ctl.clone());
+        assert_eq!(out.write(b"x").unwrap(), 1);
+        assert!(matches!(
+            ctl.reason(),
+            Some(ExitReason::Signal(libc::SIGPIPE))
+        ));
+        // Output while the VM stops is dropped quietly, not reported per byte.
+        assert_eq!(out.write(b"yz").unwrap(), 2);
+        assert!(out.flush().is_ok());
+    }
+
+    #[test]
+    fn other_write_errors_reach_the_device() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let mut out = ConsoleOut::new(Box::new(Full), None, ctl.clone());
+        assert!(out.write(b"x").is_err());
+        assert!(ctl.reason().is_none());
     }
 }

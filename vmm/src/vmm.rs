@@ -227,7 +227,7 @@ fn load_kernel(
     Ok((loaded, initrd))
 }
 
-fn serial_sink(cfg: &VmConfig) -> Result<Box<dyn Write + Send>> {
+fn serial_sink(cfg: &VmConfig, ctl: &Arc<VmControl>) -> Result<Box<dyn Write + Send>> {
     let sink: Box<dyn Write + Send> = match &cfg.serial {
         SerialMode::Stdio => Box::new(ConsoleOut::stdout().map_err(|source| VmmError::Open {
             path: "stdout".into(),
@@ -245,7 +245,11 @@ fn serial_sink(cfg: &VmConfig) -> Result<Box<dyn Write + Send>> {
         ),
         SerialMode::Null => Box::new(io::sink()),
     };
-    Ok(Box::new(ConsoleOut::new(sink, cfg.ready_marker.as_deref())))
+    Ok(Box::new(ConsoleOut::new(
+        sink,
+        cfg.ready_marker.as_deref(),
+        ctl.clone(),
+    )))
 }
 
 /// Legacy devices on the port I/O bus; returns the serial (the event loop feeds it input) and the
@@ -256,13 +260,18 @@ struct LegacyDevices {
     poweroff: EventFd,
 }
 
-fn setup_legacy_devices(vm: &VmFd, pio: &mut Bus, cfg: &VmConfig) -> Result<LegacyDevices> {
+fn setup_legacy_devices(
+    vm: &VmFd,
+    pio: &mut Bus,
+    cfg: &VmConfig,
+    ctl: &Arc<VmControl>,
+) -> Result<LegacyDevices> {
     let err = |what: &str, e: &dyn std::fmt::Display| VmmError::Devices(format!("{what}: {e}"));
     let serial_irq = EventFdTrigger::new().map_err(|e| err("serial eventfd", &e))?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
         .map_err(|e| VmmError::KvmSetup("KVM_IRQFD (COM1)", e))?;
     let serial = Arc::new(Mutex::new(
-        SerialDevice::new(serial_irq, serial_sink(cfg)?).map_err(|e| err("serial", &e))?,
+        SerialDevice::new(serial_irq, serial_sink(cfg, ctl)?).map_err(|e| err("serial", &e))?,
     ));
     let reset = EventFdTrigger::new().map_err(|e| err("reset eventfd", &e))?;
     let poweroff = EventFdTrigger::new().map_err(|e| err("poweroff eventfd", &e))?;
@@ -361,7 +370,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         EventManager::new().map_err(VmmError::EventLoop)?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let legacy = setup_legacy_devices(&vm, &mut pio, cfg)?;
+    let legacy = setup_legacy_devices(&vm, &mut pio, cfg, &ctl)?;
     let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mut event_manager, &mem, &cfg.disks)?;
 
     let words: Vec<String> = virtio.iter().map(MmioDeviceInfo::cmdline_word).collect();
