@@ -745,6 +745,12 @@ fn sigint_stops_the_vm_with_status_130() {
 }
 
 #[test]
+fn sighup_stops_the_vm_with_status_129() {
+    // The terminal Ember ran on went away (ssh dropped, window closed).
+    stopped_by(libc::SIGHUP, 129);
+}
+
+#[test]
 fn sigterm_restores_the_terminal() {
     // A real terminal: `script` runs a shell on a pseudo-terminal, which records the terminal
     // mode (`stty -g`), starts Ember on it, waits, and records the mode again. Ember puts the
