@@ -101,6 +101,9 @@ fn a_console_reader_that_goes_away_ends_ember_with_141_quietly() {
     assert!(out.contains("status=141"), "{out}");
     // Only the kvm_pvm notice may be on stderr: no per-byte write errors, no `ember: error`.
     for line in out.lines().skip(2) {
-        assert!(line.starts_with("ember: warning: /dev/kvm is kvm_pvm"), "{out}");
+        assert!(
+            line.starts_with("ember: warning: /dev/kvm is kvm_pvm"),
+            "{out}"
+        );
     }
 }

@@ -750,6 +750,79 @@ fn sighup_stops_the_vm_with_status_129() {
     stopped_by(libc::SIGHUP, 129);
 }
 
+// ---- the reaper (deferred VM teardown) ----
+
+/// Processes named `ember-reaper` whose command line (Ember's, as they share its memory) names
+/// `token`.
+fn reapers_of(token: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().map_while(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        if comm.trim() == "ember-reaper"
+            && !zombie
+            && String::from_utf8_lossy(&cmdline).contains(token)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn the_reaper_shares_embers_memory_holds_only_the_vm_and_leaves_after_ember() {
+    let echo = common::guest("echo");
+    let disk = write_file("reaper.img", &[0x22; 64 * 512]);
+    let token = disk.display().to_string();
+    let spec = format!("path={token}");
+    let mut vm = Running::spawn(&["run", "--kernel", echo.to_str().unwrap(), "--disk", &spec]);
+    vm.wait_for("echo: ready");
+
+    let reapers = reapers_of(&token);
+    assert_eq!(reapers.len(), 1, "reapers for this Ember: {reapers:?}");
+    let reaper = reapers[0];
+    // Same address space: Ember's exit then leaves both the VM and the guest memory teardown to
+    // the reaper.
+    // SAFETY: kcmp only compares two processes' resources.
+    let same_vm = unsafe {
+        libc::syscall(libc::SYS_kcmp, vm.pid(), reaper, 1 /* KCMP_VM */, 0, 0)
+    };
+    assert_eq!(
+        same_vm, 0,
+        "the reaper does not share Ember's address space"
+    );
+    // Nothing but the VM and Ember's pidfd: not the disk (its lock must end with Ember), not
+    // Ember's stdout (a caller waits for its EOF), not /dev/kvm.
+    let mut held: Vec<String> = std::fs::read_dir(format!("/proc/{reaper}/fd"))
+        .unwrap()
+        .map_while(Result::ok)
+        .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        ["anon_inode:[pidfd]", "anon_inode:kvm-vm"],
+        "{held:?}"
+    );
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);
+    let (code, _, err) = vm.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(143), "{err}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !reapers_of(&token).is_empty() {
+        assert!(Instant::now() < end, "the reaper outlived Ember by 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn sigterm_restores_the_terminal() {
     // A real terminal: `script` runs a shell on a pseudo-terminal, which records the terminal
