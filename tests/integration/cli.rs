@@ -103,3 +103,37 @@ fn unknown_option() {
     let line = run.user_error();
     assert!(line.contains("--frobnicate"), "{line}");
 }
+
+/// `EMBER_BOOT_LOG` (what scripts/test.sh counts boots with): one timeline line per run, with
+/// `first_serial_byte` set only when the guest wrote to its console; a log that cannot be opened
+/// does not stop the VM.
+#[test]
+fn boot_log_records_each_run_and_whether_the_guest_wrote() {
+    let log = scratch("boots.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let with_log = |kernel: &str, log: &std::path::Path| {
+        let mut cmd = std::process::Command::new(common::ember());
+        cmd.args(["run", "--kernel", kernel, "--serial", "null"])
+            .env("EMBER_BOOT_LOG", log);
+        common::run_command(cmd, b"", DEADLINE)
+    };
+    let hello = common::guest("hello");
+    with_log(hello.to_str().unwrap(), &log).ok();
+    let bad = with_log("/nonexistent/ember-test/vmlinux", &log);
+    assert_eq!(bad.status.code(), Some(1), "{}", bad.stderr);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("\"first_serial_byte\":")
+            && !lines[0].contains("\"first_serial_byte\":null"),
+        "{text}"
+    );
+    assert!(lines[0].contains("\"guest_exit\":"), "{text}");
+    assert!(lines[1].contains("\"first_serial_byte\":null"), "{text}");
+    let _ = std::fs::remove_file(&log);
+
+    let nowhere = PathBuf::from("/nonexistent/ember-test/boots.jsonl");
+    with_log(hello.to_str().unwrap(), &nowhere).ok();
+}

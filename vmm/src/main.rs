@@ -88,6 +88,20 @@ impl RunArgs {
     }
 }
 
+/// `EMBER_BOOT_LOG=PATH`: every `ember run` appends its boot timeline (the `--timings=json`
+/// line) to PATH. Test suites and CI use it to count the guests that really booted (a non-null
+/// `first_serial_byte`) and to keep each run's timings. A file that cannot be opened is only
+/// logged: it must not stop a VM.
+fn boot_log() -> Option<std::fs::File> {
+    let path = std::env::var_os("EMBER_BOOT_LOG")?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(|e| log::warn!("EMBER_BOOT_LOG {}: {e}", PathBuf::from(&path).display()))
+        .ok()
+}
+
 fn error_line(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
     let mut source = err.source();
@@ -161,6 +175,8 @@ fn main() -> ExitCode {
                 }
             };
             timeline::mark(Phase::ArgsParsed);
+            // Opened now: the seccomp filters on from the first guest instruction allow no open.
+            let boot_log = boot_log();
             let outcome = ember_vmm::vmm::run(&cfg);
             if timeline::get(Phase::GuestExit).is_none() {
                 timeline::mark(Phase::GuestExit);
@@ -169,6 +185,11 @@ fn main() -> ExitCode {
                 Some(config::TimingsFormat::Table) => eprint!("{}", timeline::table()),
                 Some(config::TimingsFormat::Json) => eprintln!("{}", timeline::json()),
                 None => {}
+            }
+            if let Some(mut log) = boot_log {
+                use std::io::Write;
+                // One write of one line, so that Embers running at once never interleave.
+                let _ = log.write_all(format!("{}\n", timeline::json()).as_bytes());
             }
             match outcome {
                 Ok(ExitReason::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
