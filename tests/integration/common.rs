@@ -164,6 +164,14 @@ pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus
     }
 }
 
+/// Stops a running Ember the way a user would (SIGTERM), so that it still stops its guest and
+/// writes its boot log; kills it if it has not exited within 5 s.
+pub fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = wait_deadline(child, Duration::from_secs(5));
+}
+
 impl Run {
     /// Asserts a clean exit and returns stdout.
     pub fn ok(&self) -> &str {

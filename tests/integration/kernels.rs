@@ -6,8 +6,9 @@
 //! virtualization) this takes tens of seconds and Linux never reaches userspace, so the
 //! initramfs tests run on hardware KVM only and skip loudly elsewhere.
 //!
-//! Ember's stdout is read line by line as it comes, Ember is killed as soon as every expected line
-//! has been seen, and each expected line's arrival time is printed (`--nocapture` shows it).
+//! Ember's stdout is read line by line as it comes, Ember is stopped (SIGTERM) as soon as every
+//! expected line has been seen, and each expected line's arrival time is printed (`--nocapture`
+//! shows it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{ChildStdin, Command, ExitStatus, Stdio};
@@ -55,7 +56,7 @@ impl Expect {
 
 /// What a boot showed: every console line with its arrival time, when each expectation was met,
 /// and how Ember ended (None: still running when all lines were seen, or at the deadline, and
-/// killed).
+/// stopped).
 struct Boot {
     lines: Vec<(Duration, String)>,
     seen: Vec<Option<Duration>>,
@@ -114,14 +115,14 @@ impl Boot {
 /// When to stop watching the console.
 #[derive(Clone, Copy, PartialEq)]
 enum Until {
-    /// Kill Ember as soon as every expected line has been seen.
+    /// Stop Ember (SIGTERM) as soon as every expected line has been seen.
     AllSeen,
     /// Let Ember exit by itself (the guest reboots or powers off).
     Exit,
 }
 
 /// Runs Ember with `args`, watching its stdout for `expect`. `input` is written to the guest's
-/// console once the line it names has been seen. Ember is killed at `deadline` at the latest.
+/// console once the line it names has been seen. Ember is stopped at `deadline` at the latest.
 fn boot(
     args: &[&str],
     expect: &[Expect],
@@ -215,8 +216,7 @@ fn boot(
         if let Ok(Some(s)) = child.try_wait() {
             status = Some(s);
         } else {
-            let _ = child.kill();
-            let _ = child.wait();
+            common::stop(&mut child);
         }
     }
     let elapsed = start.elapsed();

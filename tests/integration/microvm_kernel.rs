@@ -86,7 +86,7 @@ fn watch(
         }
     }
     if status.is_none() {
-        let _ = child.kill();
+        common::stop(&mut child);
     }
     // Reaps a killed Ember; for one that exited, returns the status wait_deadline already got.
     let _ = child.wait();
