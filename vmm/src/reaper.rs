@@ -13,10 +13,11 @@
 //! the kernel does both teardowns in the reaper. If Ember is killed, its pidfd says so all the
 //! same.
 //!
-//! Two things that looked simpler lost the race about 1 exit in 15 (10-20 ms instead of ~4.5):
-//! a forked reaper (its own address space, so KVM's `kvm-nx-lpage-recovery` worker, a thread of
-//! Ember's, was left to tear Ember's address space down) and a pipe instead of the pidfd (EOF
-//! arrives while Ember's exit is still releasing its descriptors).
+//! Whoever lets go of the VM or the address space last pays for its teardown. A forked reaper
+//! (its own address space) left Ember's to KVM's `kvm-nx-lpage-recovery` worker, a thread of
+//! Ember's, and a pipe's EOF reaches the reaper while Ember's threads are still exiting: each
+//! lost the race about 1 exit in 12 (10-20 ms instead of ~4.5). A pidfd is readable only once
+//! every thread of Ember is gone.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -24,7 +25,8 @@ use std::os::fd::RawFd;
 /// The reaper's stack; it runs in Ember's address space, so it cannot use Ember's.
 const STACK_SIZE: usize = 64 * 1024;
 
-/// Starts the reaper. Call before any other thread starts.
+/// Starts the reaper. Ember calls it right after creating the VM; the reaper makes only raw
+/// system calls, so the threads Ember starts later cannot disturb it.
 pub fn spawn(vm_fd: RawFd) -> io::Result<()> {
     // SAFETY: pidfd_open on our own pid; it returns a new descriptor or -1.
     let ember = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
