@@ -1,7 +1,11 @@
 #!/bin/bash
 # Builds Ember's minimal microVM kernel from Debian's linux-source: `make tinyconfig` plus the
-# fragment scripts/microvm.config (serial console, PVH, ACPI, initramfs, virtio-mmio + virtio-blk,
-# ext4; nothing else). The benchmark (`ember bench`) and tests/integration/microvm_kernel.rs use it.
+# fragment scripts/microvm-kernel/config (serial console, PVH, ACPI, initramfs, virtio-mmio +
+# virtio-blk, ext4, SMP, what busybox needs, and the choices that save tens of seconds of boot on
+# kvm_pvm hosts, each commented), with the patches in scripts/microvm-kernel/patches/ applied in
+# name order (each one's header says what it changes, why, and on which hosts it matters). The
+# same kernel boots to userspace on hardware KVM and on kvm_pvm. The benchmark (`ember bench`)
+# and tests/integration/microvm_kernel.rs use it.
 #
 # Usage: scripts/microvm-kernel.sh [--force]
 # Output: ${EMBER_MICROVM_KERNEL:-$HOME/.cache/ember/microvm-kernel} (outside git):
@@ -14,7 +18,7 @@
 #                incrementally)
 # Skipped when vmlinux and bzImage were built from the same source version, fragment and script;
 # --force rebuilds. Environment: JOBS (make -j, default 2). Installs its build packages with apt
-# (linux-source, flex, bison, bc, libelf-dev, lz4, make, gcc) when they are missing.
+# (linux-source, flex, bison, bc, libelf-dev, lz4, make, gcc, patch) when they are missing.
 #
 # Measured on the 2-core Debian 12 development VM (shared with other builds, nice -n 10, -j2):
 # see BUILD in the output directory and docs/bench.md.
@@ -22,7 +26,8 @@ set -euo pipefail
 
 OUT=${EMBER_MICROVM_KERNEL:-$HOME/.cache/ember/microvm-kernel}
 HERE=$(cd "$(dirname "$0")" && pwd)
-FRAGMENT=$HERE/microvm.config
+FRAGMENT=$HERE/microvm-kernel/config
+PATCHES=$HERE/microvm-kernel/patches
 JOBS=${JOBS:-2}
 FORCE=0
 for arg in "$@"; do
@@ -47,7 +52,7 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
 
 # --- build packages ---------------------------------------------------------------------------
-PACKAGES="linux-source flex bison bc libelf-dev lz4 make gcc xz-utils"
+PACKAGES="linux-source flex bison bc libelf-dev lz4 make gcc xz-utils patch"
 missing=""
 for p in $PACKAGES; do
     case "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)" in
@@ -72,7 +77,7 @@ SRC_VERSION="$SRC_PKG $(dpkg-query -W -f='${Version}' "$SRC_PKG")"
 KEY=$(
     {
         echo "$SRC_VERSION"
-        cat "$FRAGMENT" "$0"
+        cat "$FRAGMENT" "$0" "$PATCHES"/*.patch
     } | sha256sum | cut -d' ' -f1
 )
 
@@ -86,13 +91,20 @@ rm -f "$OUT/.stamp"
 T0=$(now)
 
 # --- source -----------------------------------------------------------------------------------
+# The source tree is the tarball with our patches applied; a new source version or patch set
+# unpacks it again (the object tree in build/ is kept: make rebuilds what changed).
 SRC=$OUT/src
-if [ ! -f "$SRC/.unpacked" ] || [ "$(cat "$SRC/.unpacked")" != "$SRC_VERSION" ]; then
+SRC_KEY="$SRC_VERSION patches $(cat "$PATCHES"/*.patch | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$SRC/.unpacked" ] || [ "$(cat "$SRC/.unpacked")" != "$SRC_KEY" ]; then
     echo "microvm-kernel: unpacking $TARBALL"
-    rm -rf "$SRC" "$OUT/build"
+    rm -rf "$SRC"
     mkdir -p "$SRC"
     tar -xJf "$TARBALL" -C "$SRC" --strip-components=1
-    echo "$SRC_VERSION" >"$SRC/.unpacked"
+    for p in "$PATCHES"/*.patch; do
+        echo "microvm-kernel: applying $(basename "$p")"
+        patch -s -p1 -d "$SRC" <"$p" || die "$(basename "$p") does not apply to $SRC_VERSION"
+    done
+    echo "$SRC_KEY" >"$SRC/.unpacked"
 fi
 T_SRC=$(since "$T0")
 
@@ -137,6 +149,7 @@ size() { stat -c %s "$1"; }
     echo "source $SRC_VERSION"
     echo "release $(cat "$OUT/version")"
     echo "fragment-sha256 $(sha256sum "$FRAGMENT" | cut -d' ' -f1)"
+    echo "patches $(cd "$PATCHES" && echo *.patch)"
     echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) CPUs, make -j$JOBS"
     echo "unpack+config $T_SRC, make $T_BUILD, total $(since "$T0")"
     echo "vmlinux $(size "$OUT/vmlinux") bytes"
