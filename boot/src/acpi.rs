@@ -147,6 +147,9 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup);
     fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA).into();
+    // A CMOS RTC is present (IAPC_BOOT_ARCH bit 5, "CMOS RTC not present", stays clear) and keeps
+    // the century: Linux reads the full year from it.
+    fadt.century = layout::CMOS_CENTURY_INDEX;
     fadt.reset_reg = GAS::new(
         AddressSpace::SystemIo,
         8,
@@ -359,6 +362,7 @@ mod tests {
         assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
         let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
         assert_eq!(iapc, IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA);
+        assert_eq!(fadt[108], layout::CMOS_CENTURY_INDEX, "CENTURY names the CMOS byte");
         // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: GAS at 244 and 256 (space, width, offset,
         // access size, address).
         assert_eq!(&fadt[244..248], &[1, 8, 0, 1]);

@@ -53,6 +53,10 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
+/// The CMOS real-time clock: index at 0x70, data at 0x71; its century byte at CMOS index 0x32
+/// (the FADT's CENTURY field).
+pub const CMOS_PORT: u16 = 0x70;
+pub const CMOS_CENTURY_INDEX: u8 = 0x32;
 /// ACPI hardware-reduced sleep control and status registers (FADT `SLEEP_CONTROL_REG`,
 /// `SLEEP_STATUS_REG`), one byte each.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

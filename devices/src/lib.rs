@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod cmos;
 mod guest_log;
 pub mod i8042;
 pub mod serial;
