@@ -91,6 +91,14 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_MTRR: u32 = 1 << 12;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// KVM's paravirtual feature leaf (kernel uapi asm/kvm_para.h) and the features a guest uses
+/// through VMCALL/VMMCALL hypercalls: PV spinlock kicks, PV IPIs, PV yield.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+const KVM_HYPERCALL_FEATURES: u32 =
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
@@ -201,8 +209,37 @@ fn update_amd_topology(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8) {
     }
 }
 
+/// Hides the KVM paravirtual features that work through hypercalls. On a kvm_pvm host a
+/// hypercall from guest ring 0 never completes: the guest re-executes its VMCALL forever (the
+/// first PV IPI, while the second CPU came up, hung every SMP boot). The guest then uses the
+/// APIC for IPIs and plain spinning instead.
+fn hide_hypercall_features(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == KVM_CPUID_FEATURES) {
+        e.eax &= !KVM_HYPERCALL_FEATURES;
+    }
+}
+
+/// What the guest's CPUID offers beyond KVM's supported set, per host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuidPolicy {
+    /// Offer KVM's hypercall-based PV features (false on kvm_pvm hosts).
+    pub hypercalls: bool,
+}
+
+impl CpuidPolicy {
+    pub const HARDWARE: CpuidPolicy = CpuidPolicy { hypercalls: true };
+}
+
 /// KVM's supported CPUID adjusted for vCPU `id` of `cpus`.
-pub fn normalize_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, id: u8, cpus: u8) {
+pub fn normalize_cpuid(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    id: u8,
+    cpus: u8,
+    policy: CpuidPolicy,
+) {
+    if !policy.hypercalls {
+        hide_hypercall_features(entries);
+    }
     let vendor = vendor(entries);
     update_leaf1(entries, id, cpus);
     update_extended_topology(entries, 0xb, id, cpus);
@@ -220,12 +257,13 @@ fn setup_cpuid(
     vcpu: &VcpuFd,
     id: u8,
     cpus: u8,
+    policy: CpuidPolicy,
 ) -> Result<Vec<kvm_cpuid_entry2>, CpuError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuError::GetSupportedCpuid)?;
     let mut entries = supported.as_slice().to_vec();
-    normalize_cpuid(&mut entries, id, cpus);
+    normalize_cpuid(&mut entries, id, cpus, policy);
     let cpuid =
         CpuId::from_entries(&entries).map_err(|_| CpuError::TooManyCpuidEntries(entries.len()))?;
     vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)?;
@@ -422,12 +460,13 @@ pub fn configure_vcpu<M: GuestMemoryBackend>(
     cpus: u8,
     kernel: &LoadedKernel,
     mem: &M,
+    policy: CpuidPolicy,
 ) -> Result<(), CpuError> {
     if id >= cpus {
         return Err(CpuError::InvalidCpu { id, cpus });
     }
     // CPUID first: which MSRs KVM accepts depends on the features the vCPU has.
-    let cpuid = setup_cpuid(kvm, vcpu, id, cpus)?;
+    let cpuid = setup_cpuid(kvm, vcpu, id, cpus, policy)?;
     setup_msrs(kvm, vcpu, &cpuid)?;
     setup_regs(vcpu, kernel)?;
     setup_sregs(mem, vcpu, kernel.kind)?;
@@ -549,7 +588,7 @@ mod tests {
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
         assert_eq!(kernel.kind, EntryKind::Linux64);
         let mut vcpu = vm.vm.create_vcpu(0).unwrap();
-        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem).unwrap();
+        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
 
         let sregs = vcpu.get_sregs().unwrap();
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
@@ -583,7 +622,7 @@ mod tests {
         );
         assert_eq!(kernel.kind, EntryKind::Pvh);
         let mut vcpu = vm.vm.create_vcpu(0).unwrap();
-        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem).unwrap();
+        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
 
         let sregs = vcpu.get_sregs().unwrap();
         assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
@@ -617,7 +656,7 @@ mod tests {
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 2);
         let vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.vm.create_vcpu(i).unwrap()).collect();
         for (id, vcpu) in vcpus.iter().enumerate() {
-            configure_vcpu(&vm.kvm, vcpu, id as u8, 2, &kernel, &vm.mem).unwrap();
+            configure_vcpu(&vm.kvm, vcpu, id as u8, 2, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
         }
         let leaf1 = cpuid_leaf(&vcpus[1], 1, 0).unwrap();
         assert_eq!(leaf1.ebx >> 24, 1, "initial APIC id of vCPU 1");
@@ -651,7 +690,7 @@ mod tests {
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
         let vcpu = vm.vm.create_vcpu(0).unwrap();
         assert!(matches!(
-            configure_vcpu(&vm.kvm, &vcpu, 1, 1, &kernel, &vm.mem),
+            configure_vcpu(&vm.kvm, &vcpu, 1, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE),
             Err(CpuError::InvalidCpu { id: 1, cpus: 1 })
         ));
     }
@@ -680,7 +719,7 @@ mod tests {
             synthetic(4, 3, (63 << 14) | (3 << 5) | 3),
             synthetic(0xb, 0, 0),
         ];
-        normalize_cpuid(&mut entries, 3, 4);
+        normalize_cpuid(&mut entries, 3, 4, CpuidPolicy::HARDWARE);
         let l1 = entries
             .iter()
             .find(|e| e.function == 4 && e.index == 0)
@@ -695,5 +734,17 @@ mod tests {
         let topo: Vec<_> = entries.iter().filter(|e| e.function == 0xb).collect();
         assert_eq!(topo.len(), 3);
         assert_eq!((topo[1].eax, topo[1].ebx, topo[1].edx), (2, 4, 3));
+    }
+
+    #[test]
+    fn hypercall_features_are_hidden_only_when_the_policy_says_so() {
+        let all = KVM_HYPERCALL_FEATURES | 1; // and the kvmclock bit, which stays
+        let leaf = || vec![synthetic(KVM_CPUID_FEATURES, 0, all)];
+        let mut hw = leaf();
+        normalize_cpuid(&mut hw, 0, 1, CpuidPolicy::HARDWARE);
+        assert_eq!(hw[0].eax, all);
+        let mut pvm = leaf();
+        normalize_cpuid(&mut pvm, 0, 1, CpuidPolicy { hypercalls: false });
+        assert_eq!(pvm[0].eax, 1, "PV unhalt, send-IPI and yield hidden; kvmclock kept");
     }
 }
