@@ -191,14 +191,53 @@ pub fn parse_seccomp(s: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// The final command line: the user's (or the default) and then Ember's device words.
-pub fn full_cmdline(base: &str, device_words: &[String]) -> Result<String, ConfigError> {
-    let mut line = base.trim().to_string();
-    for w in device_words {
+/// Splits a kernel command line at its first standalone `--` (outside double quotes): the
+/// kernel's parameters before it, and what the kernel hands to init after it (with the `--`).
+pub fn split_init_args(line: &str) -> (&str, Option<&str>) {
+    let bytes = line.as_bytes();
+    let mut quoted = false;
+    let mut word_start = 0;
+    for i in 0..=bytes.len() {
+        let c = bytes.get(i).copied();
+        match c {
+            Some(b'"') => quoted = !quoted,
+            Some(b' ' | b'\t' | b'\n') | None if !quoted => {
+                if &line[word_start..i] == "--" {
+                    return (line[..word_start].trim_end(), Some(&line[word_start..]));
+                }
+                word_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    (line, None)
+}
+
+/// Whether the kernel part of `line` sets parameter `key` (as `key` or `key=...`).
+pub fn has_param(line: &str, key: &str) -> bool {
+    let (kernel, _) = split_init_args(line);
+    kernel
+        .split_whitespace()
+        .any(|w| w.split('=').next() == Some(key))
+}
+
+/// The final command line: the user's (or the default) kernel parameters, then Ember's words
+/// (for the host and the devices), then the user's `-- init args` if any, so that Ember's words
+/// reach the kernel and not init's argv.
+pub fn full_cmdline(base: &str, ember_words: &[String]) -> Result<String, ConfigError> {
+    let (kernel, init) = split_init_args(base.trim());
+    let mut line = kernel.trim().to_string();
+    for w in ember_words {
         if !line.is_empty() {
             line.push(' ');
         }
         line.push_str(w);
+    }
+    if let Some(init) = init {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(init);
     }
     // The boot protocol counts the terminating NUL.
     if line.len() >= CMDLINE_MAX_SIZE {
@@ -313,5 +352,32 @@ mod tests {
             full_cmdline(&long, &[]),
             Err(ConfigError::CmdlineTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn ember_words_go_before_a_standalone_double_dash() {
+        let words = vec!["noxsave".to_string(), "virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            full_cmdline("console=ttyS0 -- -s single", &words).unwrap(),
+            "console=ttyS0 noxsave virtio_mmio.device=4K@0xd0000000:5 -- -s single"
+        );
+        // Only a word that is exactly `--`, outside quotes, ends the kernel's part.
+        assert_eq!(
+            full_cmdline("a=\"x -- y\" b=--c", &words[..1]).unwrap(),
+            "a=\"x -- y\" b=--c noxsave"
+        );
+        assert_eq!(full_cmdline("-- init", &words[..1]).unwrap(), "noxsave -- init");
+        assert_eq!(split_init_args("a -- b -- c"), ("a", Some("-- b -- c")));
+        assert_eq!(split_init_args("a --"), ("a", Some("--")));
+    }
+
+    #[test]
+    fn has_param_looks_only_at_the_kernels_part() {
+        let line = "console=ttyS0 noxsave tsc=unstable -- tsc_early_khz=1";
+        assert!(has_param(line, "console"));
+        assert!(has_param(line, "noxsave"));
+        assert!(has_param(line, "tsc"));
+        assert!(!has_param(line, "tsc_early_khz"), "init's argument, not the kernel's");
+        assert!(!has_param(line, "consol"));
     }
 }

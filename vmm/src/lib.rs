@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 pub mod disks;
 pub mod event_loop;
+pub mod host;
 pub mod reaper;
 pub mod seccomp;
 pub mod timeline;

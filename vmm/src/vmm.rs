@@ -13,6 +13,7 @@ use ember_boot::kernel::{self, KernelError, LoadedKernel};
 use ember_boot::layout::{self, MmioDeviceInfo};
 use ember_boot::params::{self, BootSetup};
 use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
+use ember_devices::cmos::{Cmos, CMOS_PORT_LEN};
 use ember_devices::i8042::{I8042, I8042_PORT_LEN};
 use ember_devices::serial::SerialDevice;
 use ember_devices::{Bus, EventFdTrigger, SharedDevice};
@@ -25,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{self, SerialMode, VmConfig};
 use crate::console::{ConsoleOut, RawTerminal};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
+use crate::host::{self, HostKind};
 use crate::timeline::{self, Phase};
 use crate::vcpu::{self, ExitReason, VcpuThread, VmControl};
 
@@ -109,10 +111,12 @@ pub fn open_kvm() -> Result<Kvm> {
             return Err(VmmError::MissingCap(name));
         }
     }
-    if Path::new("/sys/module/kvm_pvm").exists() {
+    if HostKind::detect() == HostKind::Pvm {
         eprintln!(
-            "ember: warning: /dev/kvm is kvm_pvm (software nested virtualization): guest code \
-             runs about 1000x slower than on hardware KVM"
+            "ember: warning: /dev/kvm is kvm_pvm (KVM in software, no hardware virtualization): \
+             guest kernel (ring-0) code is emulated, thousands of times slower; guest user \
+             (ring-3) code runs at native speed. Ember adds the kernel words this host needs \
+             (EMBER_LOG=info lists them)"
         );
     }
     Ok(kvm)
@@ -252,6 +256,9 @@ fn serial_sink(cfg: &VmConfig, ctl: &Arc<VmControl>) -> Result<Box<dyn Write + S
     )))
 }
 
+// The FADT's CENTURY field and the device must name the same CMOS byte.
+const _: () = assert!(layout::CMOS_CENTURY_INDEX == ember_devices::cmos::CMOS_CENTURY);
+
 /// Legacy devices on the port I/O bus; returns the serial (the event loop feeds it input) and the
 /// eventfds that end the VM.
 struct LegacyDevices {
@@ -279,8 +286,13 @@ fn setup_legacy_devices(
     let reset_watch = EventFd::try_clone(&reset).map_err(|e| err("reset eventfd", &e))?;
     let poweroff_watch = EventFd::try_clone(&poweroff).map_err(|e| err("poweroff eventfd", &e))?;
 
-    let devices: [(u16, u64, SharedDevice); 3] = [
+    let devices: [(u16, u64, SharedDevice); 4] = [
         (layout::COM1_PORT, 8, serial.clone()),
+        (
+            layout::CMOS_PORT,
+            CMOS_PORT_LEN,
+            Arc::new(Mutex::new(Cmos::new())),
+        ),
         (
             layout::I8042_PORT,
             I8042_PORT_LEN,
@@ -330,6 +342,28 @@ fn install_stop_signals(evt: &EventFd) {
     }
 }
 
+/// The kernel words this host needs that the user's command line does not set already.
+fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<String> {
+    let kind = HostKind::detect();
+    if kind == HostKind::HardwareKvm {
+        return Vec::new();
+    }
+    let tsc_khz = vcpu.and_then(|v| v.get_tsc_khz().ok());
+    host::kernel_words(kind, tsc_khz)
+        .into_iter()
+        .filter(|w| {
+            let theirs = config::has_param(user_cmdline, w.key());
+            if theirs {
+                log::info!("kvm_pvm: the command line sets {} already; not adding {}", w.key(), w.word);
+            } else {
+                log::info!("kvm_pvm: adding {}: {}", w.word, w.why);
+            }
+            !theirs
+        })
+        .map(|w| w.word)
+        .collect()
+}
+
 /// Builds the VM from `cfg` and runs it to the end. Returns why the guest stopped.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     let kvm = open_kvm()?;
@@ -373,7 +407,16 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     let legacy = setup_legacy_devices(&vm, &mut pio, cfg, &ctl)?;
     let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mut event_manager, &mem, &cfg.disks)?;
 
-    let words: Vec<String> = virtio.iter().map(MmioDeviceInfo::cmdline_word).collect();
+    // vCPUs exist before the command line is written: the TSC frequency comes from one.
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))?;
+        vcpus.push(fd);
+    }
+    let mut words = host_words(&cfg.cmdline, vcpus.first());
+    words.extend(virtio.iter().map(MmioDeviceInfo::cmdline_word));
     let cmdline = config::full_cmdline(&cfg.cmdline, &words)?;
     let setup = BootSetup {
         mem_size: cfg.memory,
@@ -399,14 +442,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         event_manager.add_subscriber(Arc::new(Mutex::new(input)));
     }
 
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
-    for id in 0..cfg.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))?;
-        ember_boot::cpu::configure_vcpu(&kvm, &fd, id, cfg.cpus, &loaded, &mem)
+    let policy = ember_boot::cpu::CpuidPolicy {
+        hypercalls: HostKind::detect() == HostKind::HardwareKvm,
+    };
+    for (id, fd) in (0..cfg.cpus).zip(&vcpus) {
+        ember_boot::cpu::configure_vcpu(&kvm, fd, id, cfg.cpus, &loaded, &mem, policy)
             .map_err(|e| VmmError::VcpuSetup(id, e))?;
-        vcpus.push(fd);
     }
     timeline::mark(Phase::DevicesReady);
 
