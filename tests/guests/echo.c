@@ -3,7 +3,7 @@
 
 void gmain(void *boot)
 {
-	static char line[512];
+	static char line[8192];
 	usize n = 0;
 	int prev = 0;
 	(void)boot;

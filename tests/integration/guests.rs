@@ -344,6 +344,42 @@ fn echo_stdin_reaches_the_guest_line_by_line() {
     assert!(status.success(), "{status:?}\n{}", seen.join("\n"));
 }
 
+/// A 4 KiB line written at once (a paste) reaches the guest whole without waiting for more
+/// input: stdin stays open and nothing else is written until the guest has echoed it. Ember once
+/// read stdin through std's buffer, which epoll cannot see, and the rest of such a line waited for
+/// the next write.
+#[test]
+fn a_pasted_4k_line_reaches_the_guest_whole_and_at_once() {
+    common::kvm_kind();
+    let kernel = common::guest("echo");
+    let mut child = KillOnDrop(
+        Command::new(common::ember())
+            .args(["run", "--kernel", kernel.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let until = Instant::now() + DEADLINE;
+    let rx = line_reader(child.0.stdout.take().unwrap());
+    let mut stdin = child.0.stdin.take().unwrap();
+    let mut seen = Vec::new();
+    wait_line(&rx, "echo: ready", until, &mut seen);
+    let line: String = (0..4096u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let sent = Instant::now();
+    stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+    wait_line(&rx, &format!("echo: {line}"), until, &mut seen);
+    eprintln!("a 4 KiB line came back after {:?}", sent.elapsed());
+    stdin.write_all(b"quit\n").unwrap();
+    wait_line(&rx, "echo: quit", until, &mut seen);
+    let left = until.saturating_duration_since(Instant::now());
+    let status = common::wait_deadline(&mut child.0, left).expect("ember exits after quit");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn echo_piped_stdin_all_at_once() {
     common::kvm_kind();

@@ -1,7 +1,6 @@
 //! The device event loop (event-manager on the main thread): console input, the events that end
 //! the VM, and the virtio devices' queue and activation events.
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
@@ -117,13 +116,24 @@ impl ConsoleInput {
         std::io::stdin().as_raw_fd()
     }
 
-    /// Reads what stdin has (at most what the FIFO can take soon) into `pending`.
+    /// Reads what stdin has into `pending`, straight from the file descriptor: std's `Stdin`
+    /// buffers, and bytes held in its buffer are invisible to epoll, so input beyond the first
+    /// read waited for the next keystroke (a pasted 201-byte line arrived seconds late). While
+    /// `pending` is not empty stdin is not watched, so this never runs ahead of the guest by more
+    /// than one read.
     fn read_stdin(&mut self) {
-        let mut buf = [0u8; 64];
-        match std::io::stdin().lock().read(&mut buf) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: read(2) into a buffer of the length given.
+        let n = unsafe { libc::read(Self::stdin_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let result = usize::try_from(n).map_err(|_| std::io::Error::last_os_error());
+        match result {
             Ok(0) => self.eof = true,
             Ok(n) => self.take_input(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) => {
                 log::warn!("console: reading stdin failed, input stops: {e}");
                 self.eof = true;
