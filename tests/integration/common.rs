@@ -75,6 +75,24 @@ pub fn skip_unless_hardware_kvm(test: &str) -> bool {
     false
 }
 
+/// A file of Ember's microVM kernel (scripts/microvm-kernel.sh builds it).
+pub fn microvm_kernel(name: &str) -> PathBuf {
+    let dir = std::env::var_os("EMBER_MICROVM_KERNEL").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/ember/microvm-kernel")
+        },
+        PathBuf::from,
+    );
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/microvm-kernel.sh",
+        p.display()
+    );
+    p
+}
+
 /// The guest kit's directory (scripts/kit.sh builds it).
 pub fn kit_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("EMBER_KIT") {
