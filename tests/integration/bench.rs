@@ -74,18 +74,3 @@ fn bench_null_guest_reports_figures_json_and_chart() {
     assert!(s.contains(">ember</text>"), "no ember bar");
 }
 
-#[test]
-fn bench_refuses_the_linux_mode_on_kvm_pvm_unless_forced() {
-    if common::kvm_kind() != common::KvmKind::Pvm {
-        eprintln!(
-            "SKIPPED bench_refuses_the_linux_mode_on_kvm_pvm_unless_forced: hardware KVM runs it"
-        );
-        return;
-    }
-    let run = run_ember(&["bench", "--guest", "linux"], b"", Duration::from_secs(30));
-    let line = run.user_error();
-    assert!(
-        line.contains("kvm_pvm") && line.contains("--force"),
-        "{line}"
-    );
-}

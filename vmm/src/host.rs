@@ -97,6 +97,23 @@ pub fn kernel_words(kind: HostKind, tsc_khz: Option<u32>) -> Vec<HostWord> {
     words
 }
 
+/// The TSC frequency KVM gives a new vCPU on this host, for peers that do not ask KVM
+/// themselves (the benchmark passes the same words to QEMU).
+pub fn tsc_khz() -> Option<u32> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok()
+}
+
+/// The words a Linux guest needs on this host, as Ember adds them.
+pub fn kernel_words_here() -> Vec<HostWord> {
+    match HostKind::detect() {
+        HostKind::HardwareKvm => Vec::new(),
+        kind => kernel_words(kind, tsc_khz()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
