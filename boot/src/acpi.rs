@@ -93,6 +93,21 @@ fn com1_device() -> Vec<u8> {
     ))
 }
 
+/// The pvpanic port, as QEMU describes its ISA pvpanic device: Linux's pvpanic driver binds to
+/// `QEMU0001`.
+fn pvpanic_device() -> Vec<u8> {
+    let port = layout::PVPANIC_PORT;
+    let io = IO::new(port, port, 1, 1);
+    let crs = ResourceTemplate::new(vec![&io]);
+    to_bytes(&Device::new(
+        "PEVT".into(),
+        vec![
+            &Name::new("_HID".into(), &"QEMU0001"),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
 fn virtio_device(index: usize, dev: &MmioDeviceInfo) -> Result<Vec<u8>, AcpiError> {
     let out_of_range = AcpiError::DeviceOutOfRange { addr: dev.addr };
     let base =
@@ -117,6 +132,7 @@ fn virtio_device(index: usize, dev: &MmioDeviceInfo) -> Result<Vec<u8>, AcpiErro
 
 fn dsdt(virtio_devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, AcpiError> {
     let mut devices = com1_device();
+    devices.extend(pvpanic_device());
     for (i, dev) in virtio_devices.iter().enumerate() {
         devices.extend(virtio_device(i, dev)?);
     }
@@ -362,7 +378,11 @@ mod tests {
         assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
         let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
         assert_eq!(iapc, IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA);
-        assert_eq!(fadt[108], layout::CMOS_CENTURY_INDEX, "CENTURY names the CMOS byte");
+        assert_eq!(
+            fadt[108],
+            layout::CMOS_CENTURY_INDEX,
+            "CENTURY names the CMOS byte"
+        );
         // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: GAS at 244 and 256 (space, width, offset,
         // access size, address).
         assert_eq!(&fadt[244..248], &[1, 8, 0, 1]);
@@ -389,6 +409,7 @@ mod tests {
             let dsdt = tables(1, &slots(n)).dsdt;
             assert_eq!(count(&dsdt, b"LNRO0005"), n as usize, "{n} devices");
             assert_eq!(count(&dsdt, b"_S5_"), 1);
+            assert_eq!(count(&dsdt, b"QEMU0001"), 1, "the pvpanic device");
         }
     }
 

@@ -57,6 +57,8 @@ pub const I8042_PORT: u16 = 0x60;
 /// (the FADT's CENTURY field).
 pub const CMOS_PORT: u16 = 0x70;
 pub const CMOS_CENTURY_INDEX: u8 = 0x32;
+/// The pvpanic device's port (QEMU's default), `QEMU0001` in the DSDT.
+pub const PVPANIC_PORT: u16 = 0x505;
 /// ACPI hardware-reduced sleep control and status registers (FADT `SLEEP_CONTROL_REG`,
 /// `SLEEP_STATUS_REG`), one byte each.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

@@ -125,7 +125,7 @@ impl Cmos {
         if self.ram[usize::from(STATUS_B)] & STATUS_B_BINARY != 0 {
             v
         } else {
-            (v / 10) << 4 | v % 10
+            ((v / 10) << 4) | (v % 10)
         }
     }
 
@@ -173,7 +173,9 @@ impl Cmos {
                 log::debug!("cmos: the guest set time register {reg:#x}; its clock is the host's");
             }
             // UIP and the divider chain are the device's own; the rate bits are kept.
-            STATUS_A => self.ram[usize::from(STATUS_A)] = (value & 0x0f) | (STATUS_A_DEFAULT & 0x70),
+            STATUS_A => {
+                self.ram[usize::from(STATUS_A)] = (value & 0x0f) | (STATUS_A_DEFAULT & 0x70)
+            }
             // Read-only.
             STATUS_C | STATUS_D => {}
             _ => self.ram[usize::from(reg)] = value,
@@ -224,10 +226,16 @@ mod tests {
         assert_eq!((t.hour, t.minute, t.second), (7, 45, 9));
         assert_eq!(t.weekday, 3, "Tuesday");
         let epoch = DateTime::from_unix(0);
-        assert_eq!((epoch.year, epoch.month, epoch.day, epoch.weekday), (1970, 1, 1, 5));
+        assert_eq!(
+            (epoch.year, epoch.month, epoch.day, epoch.weekday),
+            (1970, 1, 1, 5)
+        );
         // A leap day, and the day after.
         assert_eq!(
-            (DateTime::from_unix(951_782_400).month, DateTime::from_unix(951_782_400).day),
+            (
+                DateTime::from_unix(951_782_400).month,
+                DateTime::from_unix(951_782_400).day
+            ),
             (2, 29)
         );
         assert_eq!(DateTime::from_unix(951_868_800).month, 3);
@@ -244,7 +252,11 @@ mod tests {
         assert_eq!(read(&mut dev, YEAR), 0x26);
         assert_eq!(read(&mut dev, CMOS_CENTURY), 0x20);
         assert_eq!(read(&mut dev, WEEKDAY), 0x03);
-        assert_eq!(read(&mut dev, STATUS_A) & 0x80, 0, "never an update in progress");
+        assert_eq!(
+            read(&mut dev, STATUS_A) & 0x80,
+            0,
+            "never an update in progress"
+        );
         assert_eq!(read(&mut dev, STATUS_D), STATUS_D_VALID);
     }
 
@@ -263,7 +275,11 @@ mod tests {
         let mut dev = fixed();
         dev.write(0, &[0x80 | 0x40]);
         dev.write(1, &[0x5a]);
-        assert_eq!(read(&mut dev, 0x40), 0x5a, "the NMI mask bit is not part of the index");
+        assert_eq!(
+            read(&mut dev, 0x40),
+            0x5a,
+            "the NMI mask bit is not part of the index"
+        );
         dev.write(0, &[HOURS]);
         dev.write(1, &[0x23]);
         assert_eq!(read(&mut dev, HOURS), 0x07);

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cmos;
 mod guest_log;
 pub mod i8042;
+pub mod pvpanic;
 pub mod serial;
 pub mod trigger;
 pub mod virtio;

@@ -397,16 +397,30 @@ fn echo_piped_stdin_all_at_once() {
     );
 }
 
-fn exit_by(how: &str) -> Run {
+/// Boots the null guest with `exit={how}` and checks Ember's status: 0 for a clean exit, or the
+/// documented status for a crash.
+fn exit_by_with(how: &str, code: i32) -> Run {
     let cmdline = format!("console=ttyS0 exit={how}");
     let run = boot_with_deadline("hello", &["--cmdline", &cmdline], EXIT_DEADLINE);
     eprintln!("exit={how}: ember ended after {:?}", run.elapsed);
-    let out = run.ok();
+    assert_eq!(
+        run.status.code(),
+        Some(code),
+        "exit={how}\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let out = run.stdout.as_str();
     assert_eq!(out.lines().next(), Some("ember-guest: ready"), "{out}");
     // The guest says so when the VMM ignored its request or it could not make one.
     assert!(!out.contains("ignored"), "{out}");
     assert!(!out.contains("failed"), "{out}");
+    assert!(!run.stderr.contains("panicked at"), "{}", run.stderr);
     run
+}
+
+fn exit_by(how: &str) -> Run {
+    exit_by_with(how, 0)
 }
 
 #[test]
@@ -415,10 +429,28 @@ fn exit_i8042_reset() {
     assert!(run.stdout.contains("exit: i8042 reset"), "{}", run.stdout);
 }
 
+/// A triple fault is a crash, not a reboot: status 4, said on stderr.
 #[test]
 fn exit_triple_fault() {
-    let run = exit_by("triple");
+    let run = exit_by_with("triple", 4);
     assert!(run.stdout.contains("exit: triple fault"), "{}", run.stdout);
+    assert!(run.stderr.contains("triple-faulted"), "{}", run.stderr);
+}
+
+/// A guest kernel that reports a panic through the pvpanic device: status 3, said on stderr.
+#[test]
+fn exit_pvpanic_is_a_guest_panic() {
+    let run = exit_by_with("pvpanic", 3);
+    assert!(
+        run.stdout.contains("exit: pvpanic capability 0x3"),
+        "the device offers panicked and crash-loaded: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("guest kernel panicked"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -750,6 +750,22 @@ fn sighup_stops_the_vm_with_status_129() {
     stopped_by(libc::SIGHUP, 129);
 }
 
+/// Two stop signals back to back (a CI runner's SIGHUP as the job's terminal goes, then its
+/// SIGTERM): the first one decides the status. They were once added up (SIGHUP + SIGTERM = 144).
+#[test]
+fn two_signals_in_a_row_give_the_first_ones_status() {
+    let echo = common::guest("echo");
+    let mut vm = Running::spawn(&["run", "--kernel", echo.to_str().unwrap()]);
+    vm.wait_for("echo: ready");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        assert_eq!(libc::kill(vm.pid(), libc::SIGHUP), 0);
+        assert_eq!(libc::kill(vm.pid(), libc::SIGTERM), 0);
+    }
+    let (code, _, err) = vm.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(129), "SIGHUP came first; stderr: {err}");
+}
+
 // ---- the reaper (deferred VM teardown) ----
 
 /// Processes named `ember-reaper` whose command line (Ember's, as they share its memory) names

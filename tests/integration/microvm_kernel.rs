@@ -174,6 +174,37 @@ fn microvm_kernel_reaches_userspace_with_no_cmdline_and_reboots() {
     if let Some((t, _)) = find("ember-kit: ready") {
         eprintln!("{TEST}: ready line after {:.2} s", t.as_secs_f64());
     }
-    let status = status.unwrap_or_else(|| panic!("{TEST}: ember did not exit\n{}", transcript(&lines)));
-    assert!(status.success(), "{TEST}: {status:?}\n{}", transcript(&lines));
+    let status =
+        status.unwrap_or_else(|| panic!("{TEST}: ember did not exit\n{}", transcript(&lines)));
+    assert!(
+        status.success(),
+        "{TEST}: {status:?}\n{}",
+        transcript(&lines)
+    );
+}
+
+/// A guest kernel panic is a crash, not a reboot: with no initramfs and no disk the microVM
+/// kernel cannot mount a root filesystem and panics; its pvpanic driver (bound to the DSDT's
+/// `QEMU0001`) tells Ember, which exits with status 3 before `panic=1` would reboot it.
+#[test]
+fn microvm_kernel_panic_ends_ember_with_status_3() {
+    const TEST: &str = "microvm_kernel_panic_ends_ember_with_status_3";
+    let kernel = microvm_kernel("vmlinux");
+    let (lines, status) = watch(
+        &["run", "--kernel", kernel.to_str().unwrap()],
+        &[&["never printed by the guest"]],
+    );
+    assert!(
+        lines.iter().any(|(_, l)| l.contains("Kernel panic")),
+        "{TEST}: no panic\n{}",
+        transcript(&lines)
+    );
+    let status =
+        status.unwrap_or_else(|| panic!("{TEST}: ember did not exit\n{}", transcript(&lines)));
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "{TEST}: {status:?}\n{}",
+        transcript(&lines)
+    );
 }

@@ -19,6 +19,7 @@ pub struct ExitWatcher {
     ctl: Arc<VmControl>,
     reset: EventFd,
     poweroff: EventFd,
+    panicked: EventFd,
     signal: EventFd,
 }
 
@@ -26,13 +27,21 @@ const DATA_EXIT: u32 = 0;
 const DATA_RESET: u32 = 1;
 const DATA_POWEROFF: u32 = 2;
 const DATA_SIGNAL: u32 = 3;
+const DATA_PANICKED: u32 = 4;
 
 impl ExitWatcher {
-    pub fn new(ctl: Arc<VmControl>, reset: EventFd, poweroff: EventFd, signal: EventFd) -> Self {
+    pub fn new(
+        ctl: Arc<VmControl>,
+        reset: EventFd,
+        poweroff: EventFd,
+        panicked: EventFd,
+        signal: EventFd,
+    ) -> Self {
         ExitWatcher {
             ctl,
             reset,
             poweroff,
+            panicked,
             signal,
         }
     }
@@ -45,6 +54,7 @@ impl MutEventSubscriber for ExitWatcher {
             (&self.reset, DATA_RESET),
             (&self.poweroff, DATA_POWEROFF),
             (&self.signal, DATA_SIGNAL),
+            (&self.panicked, DATA_PANICKED),
         ] {
             if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
                 log::error!("event loop: cannot watch exit event {data}: {e:?}");
@@ -62,9 +72,15 @@ impl MutEventSubscriber for ExitWatcher {
                 let _ = self.poweroff.read();
                 self.ctl.request_exit(ExitReason::Poweroff);
             }
+            DATA_PANICKED => {
+                let _ = self.panicked.read();
+                self.ctl.request_exit(ExitReason::GuestPanic);
+            }
             DATA_SIGNAL => {
-                let signo = self.signal.read().unwrap_or(0);
-                self.ctl.request_exit(ExitReason::Signal(signo as i32));
+                let _ = self.signal.read();
+                if let Some(signo) = crate::signals::first() {
+                    self.ctl.request_exit(ExitReason::Signal(signo));
+                }
             }
             _ => {
                 let _ = self.ctl.exit_evt.read();

@@ -9,6 +9,7 @@ pub mod event_loop;
 pub mod host;
 pub mod reaper;
 pub mod seccomp;
+pub mod signals;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;

@@ -117,6 +117,11 @@ fn error_line(err: &dyn std::error::Error) -> String {
     line.replace('\n', " ")
 }
 
+/// The guest kernel reported a panic (pvpanic): a crash, not a reboot.
+const EXIT_GUEST_PANIC: u8 = 3;
+/// A vCPU triple-faulted: the guest crashed past its own exception handlers.
+const EXIT_TRIPLE_FAULT: u8 = 4;
+
 fn main() -> ExitCode {
     timeline::start();
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("EMBER_LOG", "warn"))
@@ -193,6 +198,14 @@ fn main() -> ExitCode {
             }
             match outcome {
                 Ok(ExitReason::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+                Ok(ExitReason::GuestPanic) => {
+                    eprintln!("ember: the guest kernel panicked (pvpanic)");
+                    ExitCode::from(EXIT_GUEST_PANIC)
+                }
+                Ok(ExitReason::TripleFault) => {
+                    eprintln!("ember: the guest triple-faulted (a vCPU shut down)");
+                    ExitCode::from(EXIT_TRIPLE_FAULT)
+                }
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ember: error: {}", error_line(&e));

@@ -18,8 +18,13 @@ use crate::timeline::{self, Phase};
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest reset the machine (i8042 reset, a triple fault, or KVM's reset event).
+    /// The guest reset the machine (i8042 reset, or KVM's reset event).
     Reset,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): on a PC that resets the machine, but a guest
+    /// only gets there by crashing (or by `reboot=t`).
+    TripleFault,
+    /// The guest kernel reported a panic through the pvpanic device.
+    GuestPanic,
     /// The guest powered off (ACPI S5).
     Poweroff,
     /// The user typed the console escape sequence.
@@ -169,8 +174,9 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
                     data.fill(0xff);
                 }
             }
-            // A triple fault: on a PC that resets the machine, which for a microVM is its end.
-            Ok(VcpuExit::Shutdown) => ctl.request_exit(ExitReason::Reset),
+            // A triple fault: on a PC that resets the machine, which for a microVM is its end;
+            // reported apart from a clean reset, since only a crashing guest gets here.
+            Ok(VcpuExit::Shutdown) => ctl.request_exit(ExitReason::TripleFault),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ctl.request_exit(ExitReason::Poweroff),
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => ctl.request_exit(ExitReason::Reset),

@@ -5,7 +5,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use ember_boot::params::{self, BootSetup};
 use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
 use ember_devices::cmos::{Cmos, CMOS_PORT_LEN};
 use ember_devices::i8042::{I8042, I8042_PORT_LEN};
+use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT_LEN};
 use ember_devices::serial::SerialDevice;
 use ember_devices::{Bus, EventFdTrigger, SharedDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -265,6 +265,7 @@ struct LegacyDevices {
     serial: Arc<Mutex<SerialDevice>>,
     reset: EventFd,
     poweroff: EventFd,
+    panicked: EventFd,
 }
 
 fn setup_legacy_devices(
@@ -282,11 +283,13 @@ fn setup_legacy_devices(
     ));
     let reset = EventFdTrigger::new().map_err(|e| err("reset eventfd", &e))?;
     let poweroff = EventFdTrigger::new().map_err(|e| err("poweroff eventfd", &e))?;
+    let panicked = EventFdTrigger::new().map_err(|e| err("pvpanic eventfd", &e))?;
     // The event loop watches the same eventfds the devices raise.
     let reset_watch = EventFd::try_clone(&reset).map_err(|e| err("reset eventfd", &e))?;
     let poweroff_watch = EventFd::try_clone(&poweroff).map_err(|e| err("poweroff eventfd", &e))?;
+    let panicked_watch = EventFd::try_clone(&panicked).map_err(|e| err("pvpanic eventfd", &e))?;
 
-    let devices: [(u16, u64, SharedDevice); 4] = [
+    let devices: [(u16, u64, SharedDevice); 5] = [
         (layout::COM1_PORT, 8, serial.clone()),
         (
             layout::CMOS_PORT,
@@ -303,6 +306,11 @@ fn setup_legacy_devices(
             ACPI_PM_PORT_LEN,
             Arc::new(Mutex::new(AcpiPm::new(poweroff, layout::ACPI_S5_SLP_TYP))),
         ),
+        (
+            layout::PVPANIC_PORT,
+            PVPANIC_PORT_LEN,
+            Arc::new(Mutex::new(PvPanic::new(panicked))),
+        ),
     ];
     for (port, len, dev) in devices {
         pio.insert(u64::from(port), len, dev)
@@ -312,34 +320,8 @@ fn setup_legacy_devices(
         serial,
         reset: reset_watch,
         poweroff: poweroff_watch,
+        panicked: panicked_watch,
     })
-}
-
-/// Set by the SIGINT/SIGTERM handler's target: an eventfd the event loop watches.
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_stop_signal(signo: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let v = signo as u64;
-        // SAFETY: write(2) is async-signal-safe; v lives for the call.
-        unsafe { libc::write(fd, &v as *const u64 as *const libc::c_void, 8) };
-    }
-}
-
-fn install_stop_signals(evt: &EventFd) {
-    use std::os::fd::AsRawFd;
-    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a plain handler that only calls write(2).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_stop_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
 }
 
 /// The kernel words this host needs that the user's command line does not set already.
@@ -354,7 +336,11 @@ fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<Stri
         .filter(|w| {
             let theirs = config::has_param(user_cmdline, w.key());
             if theirs {
-                log::info!("kvm_pvm: the command line sets {} already; not adding {}", w.key(), w.word);
+                log::info!(
+                    "kvm_pvm: the command line sets {} already; not adding {}",
+                    w.key(),
+                    w.word
+                );
             } else {
                 log::info!("kvm_pvm: adding {}: {}", w.word, w.why);
             }
@@ -428,8 +414,14 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     params::configure_system(&mem, &loaded, &setup).map_err(VmmError::Boot)?;
 
     let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Devices(e.to_string()))?;
-    install_stop_signals(&signal_evt);
-    let watcher = ExitWatcher::new(ctl.clone(), legacy.reset, legacy.poweroff, signal_evt);
+    crate::signals::install(&signal_evt);
+    let watcher = ExitWatcher::new(
+        ctl.clone(),
+        legacy.reset,
+        legacy.poweroff,
+        legacy.panicked,
+        signal_evt,
+    );
     event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
 
     let terminal = match cfg.serial {
@@ -442,11 +434,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         event_manager.add_subscriber(Arc::new(Mutex::new(input)));
     }
 
+    let host_cpu = ember_boot::cpu::HostCpu::query(&kvm).map_err(|e| VmmError::VcpuSetup(0, e))?;
     let policy = ember_boot::cpu::CpuidPolicy {
         hypercalls: HostKind::detect() == HostKind::HardwareKvm,
+        tsc_deadline: host_cpu.tsc_deadline,
     };
     for (id, fd) in (0..cfg.cpus).zip(&vcpus) {
-        ember_boot::cpu::configure_vcpu(&kvm, fd, id, cfg.cpus, &loaded, &mem, policy)
+        ember_boot::cpu::configure_vcpu(&host_cpu, fd, id, cfg.cpus, &loaded, &mem, policy)
             .map_err(|e| VmmError::VcpuSetup(id, e))?;
     }
     timeline::mark(Phase::DevicesReady);

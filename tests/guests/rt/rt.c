@@ -332,6 +332,19 @@ __attribute__((noreturn)) void exit_acpi(void)
 	exit_i8042();
 }
 
+/* A kernel panic as the guest tells it: through the pvpanic port (QEMU's 0x505, QEMU0001 in the
+ * DSDT), whose read gives the events the device takes. */
+__attribute__((noreturn)) void exit_pvpanic(void)
+{
+	puts("exit: pvpanic capability ");
+	put_hex(inb(0x505));
+	nl();
+	outb(0x505, 1);
+	settle();
+	println("exit: pvpanic ignored");
+	exit_i8042();
+}
+
 __attribute__((noreturn)) void guest_exit(void)
 {
 	const char *how = param("exit=");
@@ -341,6 +354,8 @@ __attribute__((noreturn)) void guest_exit(void)
 		exit_triple();
 	if (streq(how, "acpi"))
 		exit_acpi();
+	if (streq(how, "pvpanic"))
+		exit_pvpanic();
 	puts("exit: unknown exit=");
 	println(how);
 	exit_i8042();

@@ -114,5 +114,6 @@ __attribute__((noreturn)) void guest_exit(void);
 __attribute__((noreturn)) void exit_i8042(void);
 __attribute__((noreturn)) void exit_triple(void);
 __attribute__((noreturn)) void exit_acpi(void);
+__attribute__((noreturn)) void exit_pvpanic(void);
 
 #endif
