@@ -89,6 +89,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 // CPUID bits used below.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_MTRR: u32 = 1 << 12;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// KVM's paravirtual feature leaf (kernel uapi asm/kvm_para.h) and the features a guest uses
@@ -134,8 +135,14 @@ fn id_bits(n: u8) -> u32 {
 }
 
 /// Leaf 1: initial APIC id, logical processor count, CLFLUSH line size, hypervisor bit.
-fn update_leaf1(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8) {
+fn update_leaf1(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8, tsc_deadline: bool) {
     for e in entries.iter_mut().filter(|e| e.function == 1) {
+        // KVM never reports the TSC-deadline timer in its supported CPUID: the VMM offers it
+        // when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC has it (kernel api.rst).
+        // Without it Linux calibrates the LAPIC timer against another clock at every boot.
+        if tsc_deadline {
+            e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+        }
         let mut clflush = (e.ebx >> 8) & 0xff;
         if clflush == 0 {
             clflush = 8; // in 8-byte units: 64-byte lines
@@ -214,7 +221,10 @@ fn update_amd_topology(entries: &mut [kvm_cpuid_entry2], id: u8, cpus: u8) {
 /// first PV IPI, while the second CPU came up, hung every SMP boot). The guest then uses the
 /// APIC for IPIs and plain spinning instead.
 fn hide_hypercall_features(entries: &mut [kvm_cpuid_entry2]) {
-    for e in entries.iter_mut().filter(|e| e.function == KVM_CPUID_FEATURES) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == KVM_CPUID_FEATURES)
+    {
         e.eax &= !KVM_HYPERCALL_FEATURES;
     }
 }
@@ -224,24 +234,52 @@ fn hide_hypercall_features(entries: &mut [kvm_cpuid_entry2]) {
 pub struct CpuidPolicy {
     /// Offer KVM's hypercall-based PV features (false on kvm_pvm hosts).
     pub hypercalls: bool,
+    /// Offer the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER).
+    pub tsc_deadline: bool,
 }
 
 impl CpuidPolicy {
-    pub const HARDWARE: CpuidPolicy = CpuidPolicy { hypercalls: true };
+    pub const HARDWARE: CpuidPolicy = CpuidPolicy {
+        hypercalls: true,
+        tsc_deadline: true,
+    };
+}
+
+/// What KVM offers every vCPU, asked once per VM rather than once per vCPU.
+pub struct HostCpu {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msr_index: Vec<u32>,
+    /// Whether the in-kernel LAPIC has the TSC-deadline timer.
+    pub tsc_deadline: bool,
+}
+
+impl HostCpu {
+    pub fn query(kvm: &Kvm) -> Result<Self, CpuError> {
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(CpuError::GetSupportedCpuid)?
+            .as_slice()
+            .to_vec();
+        let msr_index = kvm
+            .get_msr_index_list()
+            .map_err(CpuError::GetMsrIndexList)?
+            .as_slice()
+            .to_vec();
+        Ok(HostCpu {
+            cpuid,
+            msr_index,
+            tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        })
+    }
 }
 
 /// KVM's supported CPUID adjusted for vCPU `id` of `cpus`.
-pub fn normalize_cpuid(
-    entries: &mut Vec<kvm_cpuid_entry2>,
-    id: u8,
-    cpus: u8,
-    policy: CpuidPolicy,
-) {
+pub fn normalize_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, id: u8, cpus: u8, policy: CpuidPolicy) {
     if !policy.hypercalls {
         hide_hypercall_features(entries);
     }
     let vendor = vendor(entries);
-    update_leaf1(entries, id, cpus);
+    update_leaf1(entries, id, cpus, policy.tsc_deadline);
     update_extended_topology(entries, 0xb, id, cpus);
     update_extended_topology(entries, 0x1f, id, cpus);
     match vendor {
@@ -253,16 +291,13 @@ pub fn normalize_cpuid(
 
 /// Sets the vCPU's CPUID and returns it.
 fn setup_cpuid(
-    kvm: &Kvm,
+    host: &HostCpu,
     vcpu: &VcpuFd,
     id: u8,
     cpus: u8,
     policy: CpuidPolicy,
 ) -> Result<Vec<kvm_cpuid_entry2>, CpuError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuError::GetSupportedCpuid)?;
-    let mut entries = supported.as_slice().to_vec();
+    let mut entries = host.cpuid.clone();
     normalize_cpuid(&mut entries, id, cpus, policy);
     let cpuid =
         CpuId::from_entries(&entries).map_err(|_| CpuError::TooManyCpuidEntries(entries.len()))?;
@@ -299,11 +334,8 @@ fn boot_msrs() -> [kvm_msr_entry; 11] {
     ]
 }
 
-fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd, cpuid: &[kvm_cpuid_entry2]) -> Result<(), CpuError> {
-    let supported = kvm
-        .get_msr_index_list()
-        .map_err(CpuError::GetMsrIndexList)?;
-    let supported = supported.as_slice();
+fn setup_msrs(host: &HostCpu, vcpu: &VcpuFd, cpuid: &[kvm_cpuid_entry2]) -> Result<(), CpuError> {
+    let supported = host.msr_index.as_slice();
     // KVM emulates the MTRRs for any vCPU whose CPUID has them, but does not list them in
     // KVM_GET_MSR_INDEX_LIST; without MTRRdefType, Linux runs with MTRRs (and so PAT) disabled.
     let mtrr = has_mtrr(cpuid);
@@ -454,7 +486,7 @@ fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
 /// in-kernel irqchip exists, once per vCPU; the tables it writes to guest memory are the same each
 /// time.
 pub fn configure_vcpu<M: GuestMemoryBackend>(
-    kvm: &Kvm,
+    host: &HostCpu,
     vcpu: &VcpuFd,
     id: u8,
     cpus: u8,
@@ -466,8 +498,8 @@ pub fn configure_vcpu<M: GuestMemoryBackend>(
         return Err(CpuError::InvalidCpu { id, cpus });
     }
     // CPUID first: which MSRs KVM accepts depends on the features the vCPU has.
-    let cpuid = setup_cpuid(kvm, vcpu, id, cpus, policy)?;
-    setup_msrs(kvm, vcpu, &cpuid)?;
+    let cpuid = setup_cpuid(host, vcpu, id, cpus, policy)?;
+    setup_msrs(host, vcpu, &cpuid)?;
     setup_regs(vcpu, kernel)?;
     setup_sregs(mem, vcpu, kernel.kind)?;
     setup_fpu(vcpu)?;
@@ -516,11 +548,11 @@ mod tests {
     }
 
     /// A VM with an irqchip and 64 MiB of memory, or `None` (said loudly) without /dev/kvm.
-    fn vm() -> Option<Vm> {
+    fn vm(test: &str) -> Option<Vm> {
         let kvm = match Kvm::new() {
             Ok(kvm) => kvm,
             Err(e) => {
-                eprintln!("SKIPPED: cannot open /dev/kvm ({e}); vCPU tests did not run");
+                crate::testutil::say_skipped(test, &format!("cannot open /dev/kvm ({e})"));
                 return None;
             }
         };
@@ -584,11 +616,22 @@ mod tests {
 
     #[test]
     fn linux64_entry_runs_in_long_mode_with_identity_paging() {
-        let Some(vm) = vm() else { return };
+        let Some(vm) = vm("linux64_entry_runs_in_long_mode_with_identity_paging") else {
+            return;
+        };
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
         assert_eq!(kernel.kind, EntryKind::Linux64);
         let mut vcpu = vm.vm.create_vcpu(0).unwrap();
-        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
+        configure_vcpu(
+            &HostCpu::query(&vm.kvm).unwrap(),
+            &vcpu,
+            0,
+            1,
+            &kernel,
+            &vm.mem,
+            CpuidPolicy::HARDWARE,
+        )
+        .unwrap();
 
         let sregs = vcpu.get_sregs().unwrap();
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
@@ -613,7 +656,9 @@ mod tests {
 
     #[test]
     fn pvh_entry_runs_in_protected_mode_with_start_info_in_ebx() {
-        let Some(vm) = vm() else { return };
+        let Some(vm) = vm("pvh_entry_runs_in_protected_mode_with_start_info_in_ebx") else {
+            return;
+        };
         let entry = 0x10_0000;
         let kernel = boot(
             &vm,
@@ -622,7 +667,16 @@ mod tests {
         );
         assert_eq!(kernel.kind, EntryKind::Pvh);
         let mut vcpu = vm.vm.create_vcpu(0).unwrap();
-        configure_vcpu(&vm.kvm, &vcpu, 0, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
+        configure_vcpu(
+            &HostCpu::query(&vm.kvm).unwrap(),
+            &vcpu,
+            0,
+            1,
+            &kernel,
+            &vm.mem,
+            CpuidPolicy::HARDWARE,
+        )
+        .unwrap();
 
         let sregs = vcpu.get_sregs().unwrap();
         assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
@@ -652,21 +706,52 @@ mod tests {
 
     #[test]
     fn second_vcpu_of_two_gets_its_apic_id_and_lapic_wiring() {
-        let Some(vm) = vm() else { return };
+        let Some(vm) = vm("second_vcpu_of_two_gets_its_apic_id_and_lapic_wiring") else {
+            return;
+        };
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 2);
         let vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.vm.create_vcpu(i).unwrap()).collect();
         for (id, vcpu) in vcpus.iter().enumerate() {
-            configure_vcpu(&vm.kvm, vcpu, id as u8, 2, &kernel, &vm.mem, CpuidPolicy::HARDWARE).unwrap();
+            configure_vcpu(
+                &HostCpu::query(&vm.kvm).unwrap(),
+                vcpu,
+                id as u8,
+                2,
+                &kernel,
+                &vm.mem,
+                CpuidPolicy::HARDWARE,
+            )
+            .unwrap();
         }
         let leaf1 = cpuid_leaf(&vcpus[1], 1, 0).unwrap();
         assert_eq!(leaf1.ebx >> 24, 1, "initial APIC id of vCPU 1");
         assert_eq!((leaf1.ebx >> 16) & 0xff, 2, "logical processors");
         assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        if vm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            assert_ne!(
+                leaf1.ecx & LEAF1_ECX_TSC_DEADLINE,
+                0,
+                "TSC-deadline timer offered"
+            );
+        } else {
+            crate::testutil::say_skipped(
+                "cpuid_tsc_deadline",
+                "this host's KVM has no KVM_CAP_TSC_DEADLINE_TIMER",
+            );
+        }
         assert_eq!(cpuid_leaf(&vcpus[0], 1, 0).unwrap().ebx >> 24, 0);
-        if let Some(core_level) = cpuid_leaf(&vcpus[1], 0xb, 1) {
-            assert_eq!(core_level.edx, 1, "x2APIC id");
-            assert_eq!(core_level.ebx & 0xffff, 2, "cores");
-            assert_eq!((core_level.ecx >> 8) & 0xff, TOPOLOGY_LEVEL_CORE);
+        // Leaf 0xB is only there when the host's KVM offers it (Ember fills it in, never adds
+        // it); without it the topology checks cannot run, and that is said.
+        match cpuid_leaf(&vcpus[1], 0xb, 1) {
+            Some(core_level) => {
+                assert_eq!(core_level.edx, 1, "x2APIC id");
+                assert_eq!(core_level.ebx & 0xffff, 2, "cores");
+                assert_eq!((core_level.ecx >> 8) & 0xff, TOPOLOGY_LEVEL_CORE);
+            }
+            None => crate::testutil::say_skipped(
+                "cpuid_leaf_0xb_topology",
+                "this host's KVM offers no CPUID leaf 0xB, so its topology was not checked",
+            ),
         }
         let lapic = vcpus[1].get_lapic().unwrap();
         assert_eq!(
@@ -686,11 +771,21 @@ mod tests {
 
     #[test]
     fn vcpu_id_beyond_cpu_count_is_refused() {
-        let Some(vm) = vm() else { return };
+        let Some(vm) = vm("vcpu_id_beyond_cpu_count_is_refused") else {
+            return;
+        };
         let kernel = boot(&vm, &elf(EM_X86_64, 0x10_0000, GUEST64, None), 1);
         let vcpu = vm.vm.create_vcpu(0).unwrap();
         assert!(matches!(
-            configure_vcpu(&vm.kvm, &vcpu, 1, 1, &kernel, &vm.mem, CpuidPolicy::HARDWARE),
+            configure_vcpu(
+                &HostCpu::query(&vm.kvm).unwrap(),
+                &vcpu,
+                1,
+                1,
+                &kernel,
+                &vm.mem,
+                CpuidPolicy::HARDWARE
+            ),
             Err(CpuError::InvalidCpu { id: 1, cpus: 1 })
         ));
     }
@@ -744,7 +839,33 @@ mod tests {
         normalize_cpuid(&mut hw, 0, 1, CpuidPolicy::HARDWARE);
         assert_eq!(hw[0].eax, all);
         let mut pvm = leaf();
-        normalize_cpuid(&mut pvm, 0, 1, CpuidPolicy { hypercalls: false });
-        assert_eq!(pvm[0].eax, 1, "PV unhalt, send-IPI and yield hidden; kvmclock kept");
+        normalize_cpuid(
+            &mut pvm,
+            0,
+            1,
+            CpuidPolicy {
+                hypercalls: false,
+                ..CpuidPolicy::HARDWARE
+            },
+        );
+        assert_eq!(
+            pvm[0].eax, 1,
+            "PV unhalt, send-IPI and yield hidden; kvmclock kept"
+        );
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_only_when_kvm_has_it() {
+        let leaf = || vec![synthetic(1, 0, 0)];
+        let mut with = leaf();
+        normalize_cpuid(&mut with, 0, 1, CpuidPolicy::HARDWARE);
+        assert_ne!(with[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        let mut without = leaf();
+        let policy = CpuidPolicy {
+            tsc_deadline: false,
+            ..CpuidPolicy::HARDWARE
+        };
+        normalize_cpuid(&mut without, 0, 1, policy);
+        assert_eq!(without[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
     }
 }

@@ -777,7 +777,10 @@ mod tests {
     #[test]
     fn kit_bzimage_loads_with_its_setup_header() {
         let Some(path) = kit_file("bzImage") else {
-            eprintln!("SKIPPED: no kit ($HOME/.cache/ember/kit/bzImage); real bzImage not tested");
+            crate::testutil::say_skipped(
+                "kit_bzimage_loads_with_its_setup_header",
+                "no kit ($HOME/.cache/ember/kit/bzImage): run scripts/kit.sh",
+            );
             return;
         };
         let mem = guest_memory(256 << 20);
@@ -800,7 +803,10 @@ mod tests {
     #[test]
     fn kit_vmlinux_loads_with_pvh_entry() {
         let Some(path) = kit_file("vmlinux") else {
-            eprintln!("SKIPPED: no kit ($HOME/.cache/ember/kit/vmlinux); real vmlinux not tested");
+            crate::testutil::say_skipped(
+                "kit_vmlinux_loads_with_pvh_entry",
+                "no kit ($HOME/.cache/ember/kit/vmlinux): run scripts/kit.sh",
+            );
             return;
         };
         let mem = guest_memory(256 << 20);

@@ -107,3 +107,11 @@ pub fn elf(machine: u16, load_addr: u64, code: &[u8], pvh_entry: Option<u32>) ->
     f.extend_from_slice(code);
     f
 }
+
+/// Says that a test (or part of one) did not run here and why, in the `SKIPPED name: why` form
+/// scripts/test.sh counts. Written to stderr directly: libtest captures `eprintln!` of passing
+/// tests, and a skip must show.
+pub fn say_skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
