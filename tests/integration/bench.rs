@@ -73,4 +73,3 @@ fn bench_null_guest_reports_figures_json_and_chart() {
     assert!(s.trim_end().ends_with("</svg>"));
     assert!(s.contains(">ember</text>"), "no ember bar");
 }
-

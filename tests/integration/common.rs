@@ -60,15 +60,15 @@ pub fn kvm_kind() -> KvmKind {
 }
 
 /// Says loudly that a test did not run here and why; returns true when the caller should return.
-pub fn skip_unless_hardware_kvm(test: &str) -> bool {
+pub fn skip_unless_hardware_kvm(test: &str, why: &str) -> bool {
     if kvm_kind() == KvmKind::Pvm {
         // Written to stderr directly: libtest captures eprintln! of passing tests, and a skip
         // must be seen in the suite's output.
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED {test}: this host's /dev/kvm is kvm_pvm (software nested virtualization); \
-             Linux guests never reach userspace here. The test runs on hardware KVM."
+            "SKIPPED {test}: this host's /dev/kvm is kvm_pvm (KVM in software): {why}. The test \
+             runs on hardware KVM."
         );
         return true;
     }

@@ -356,7 +356,10 @@ mod tests {
 
     #[test]
     fn ember_words_go_before_a_standalone_double_dash() {
-        let words = vec!["noxsave".to_string(), "virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let words = vec![
+            "noxsave".to_string(),
+            "virtio_mmio.device=4K@0xd0000000:5".to_string(),
+        ];
         assert_eq!(
             full_cmdline("console=ttyS0 -- -s single", &words).unwrap(),
             "console=ttyS0 noxsave virtio_mmio.device=4K@0xd0000000:5 -- -s single"
@@ -366,7 +369,10 @@ mod tests {
             full_cmdline("a=\"x -- y\" b=--c", &words[..1]).unwrap(),
             "a=\"x -- y\" b=--c noxsave"
         );
-        assert_eq!(full_cmdline("-- init", &words[..1]).unwrap(), "noxsave -- init");
+        assert_eq!(
+            full_cmdline("-- init", &words[..1]).unwrap(),
+            "noxsave -- init"
+        );
         assert_eq!(split_init_args("a -- b -- c"), ("a", Some("-- b -- c")));
         assert_eq!(split_init_args("a --"), ("a", Some("--")));
     }
@@ -377,7 +383,10 @@ mod tests {
         assert!(has_param(line, "console"));
         assert!(has_param(line, "noxsave"));
         assert!(has_param(line, "tsc"));
-        assert!(!has_param(line, "tsc_early_khz"), "init's argument, not the kernel's");
+        assert!(
+            !has_param(line, "tsc_early_khz"),
+            "init's argument, not the kernel's"
+        );
         assert!(!has_param(line, "consol"));
     }
 }

@@ -129,7 +129,9 @@ mod tests {
         let text: Vec<&str> = words.iter().map(|w| w.word.as_str()).collect();
         assert_eq!(text[0], "tsc_early_khz=2445406");
         assert!(text.contains(&"noxsave"));
-        assert!(text.iter().any(|w| w.starts_with("clearcpuid=") && w.contains("popcnt")));
+        assert!(text
+            .iter()
+            .any(|w| w.starts_with("clearcpuid=") && w.contains("popcnt")));
         assert_eq!(words[0].key(), "tsc_early_khz");
         assert_eq!(words[1].key(), "tsc");
         // Without a frequency from KVM there is nothing true to say about the TSC.

@@ -7,8 +7,8 @@ use std::path::Path;
 pub enum KvmKind {
     /// /dev/kvm backed by hardware virtualization (VMX/SVM).
     Hardware,
-    /// The `kvm_pvm` module: KVM done in software inside a VM. Guest code runs ~1000x slower,
-    /// and Linux guests never reach userspace.
+    /// The `kvm_pvm` module: KVM done in software inside a VM. Guest kernel code is emulated
+    /// (thousands of times slower), guest user code runs natively.
     Pvm,
     /// No /dev/kvm at all.
     None,
@@ -28,7 +28,10 @@ impl KvmKind {
     pub fn describe(self) -> &'static str {
         match self {
             KvmKind::Hardware => "hardware KVM",
-            KvmKind::Pvm => "kvm_pvm (software nested virtualization, guest code ~1000x slower)",
+            KvmKind::Pvm => {
+                "kvm_pvm (KVM in software: guest kernel code emulated, thousands of times \
+                 slower; guest user code native)"
+            }
             KvmKind::None => "no /dev/kvm",
         }
     }
