@@ -70,10 +70,6 @@ impl SerialDevice {
             .enqueue_raw_bytes(&input[..room])
             .map_err(|e| io::Error::other(format!("serial input: {e:?}")))
     }
-
-    pub fn flush_output(&mut self) -> io::Result<()> {
-        self.uart.writer_mut().flush()
-    }
 }
 
 impl BusDevice for SerialDevice {

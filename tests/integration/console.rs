@@ -11,8 +11,12 @@ use crate::common::{self, run_command};
 /// of `keys` (printf strings) with a pause before it, as a person would: Ember is up and in raw
 /// mode before the first, and the guest has answered one before the next.
 fn on_a_terminal(body: &str, keys: &[&str]) -> String {
+    on_a_terminal_with("echo", body, keys)
+}
+
+fn on_a_terminal_with(guest: &str, body: &str, keys: &[&str]) -> String {
     common::kvm_kind();
-    let guest = common::guest("echo");
+    let guest = common::guest(guest);
     let script = format!(
         "EMBER='{}'; GUEST='{}'; echo \"before=$(stty -g)\"; {body}; echo \"after=$(stty -g)\"",
         common::ember(),
@@ -62,10 +66,47 @@ fn sigterm_stops_the_guest_with_143_and_restores_the_terminal() {
     // A background job's stdin would be /dev/null; give it the terminal explicitly.
     let out = on_a_terminal(
         "$EMBER run --kernel $GUEST </dev/tty & pid=$!; sleep 0.3; \
-         echo \"mid=$(stty -g </dev/tty)\"; kill -TERM $pid; wait $pid; echo \"status=$?\"",
+         echo \"mid=$(stty -g </dev/tty)\"; echo \"midflags=$(stty -a </dev/tty | tr '\\n' ' ')\"; \
+         kill -TERM $pid; wait $pid; echo \"status=$?\"",
         &[],
     );
     assert!(out.contains("status=143"), "{out}");
+    assert_ne!(
+        setting(&out, "before="),
+        setting(&out, "mid="),
+        "Ember did not enter raw mode:\n{out}"
+    );
+    // Fully raw, output too: the guest's tty translates its own line ends.
+    let flags = setting(&out, "midflags=");
+    assert!(
+        flags.split_whitespace().any(|f| f == "-opost"),
+        "output processing still on: {flags}"
+    );
+    assert_eq!(
+        setting(&out, "before="),
+        setting(&out, "after="),
+        "terminal not restored:\n{out}"
+    );
+}
+
+/// A guest that prints without end while nobody reads Ember's output (a paused pager, `| sleep
+/// 30`): SIGTERM still ends Ember at once with 143 and the terminal is restored. Ember's vCPU once
+/// blocked writing to the full pipe while holding the serial port, and the stop path waited for
+/// it for ever.
+#[test]
+fn sigterm_ends_ember_promptly_while_nobody_reads_its_output() {
+    let out = on_a_terminal_with(
+        "flood",
+        "d=$(mktemp -d); mkfifo \"$d/out\"; exec 3<>\"$d/out\"; \
+         $EMBER run --kernel $GUEST </dev/tty >\"$d/out\" & pid=$!; sleep 1.5; \
+         echo \"mid=$(stty -g </dev/tty)\"; t0=$(date +%s%N); kill -TERM $pid; wait $pid; s=$?; \
+         t1=$(date +%s%N); echo \"status=$s took_ms=$(( (t1 - t0) / 1000000 ))\"; \
+         exec 3>&-; rm -r \"$d\"",
+        &[],
+    );
+    assert!(out.contains("status=143"), "{out}");
+    let took: u64 = setting(&out, "status=143 took_ms=").trim().parse().unwrap();
+    assert!(took < 2000, "SIGTERM took {took} ms to end Ember:\n{out}");
     assert_ne!(
         setting(&out, "before="),
         setting(&out, "mid="),

@@ -827,6 +827,13 @@ fn the_reaper_shares_embers_memory_holds_only_the_vm_and_leaves_after_ember() {
         ["anon_inode:[pidfd]", "anon_inode:kvm-vm"],
         "{held:?}"
     );
+    // Under its own system call filter, like every thread of Ember's.
+    let status = std::fs::read_to_string(format!("/proc/{reaper}/status")).unwrap();
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    assert_eq!(mode, Some("2"), "the reaper runs unfiltered:\n{status}");
 
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);

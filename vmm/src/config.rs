@@ -8,7 +8,10 @@ pub use ember_devices::virtio::DiskConfig;
 
 /// What a microVM wants: the console on COM1, reboot through the i8042 (which ends the VM), no
 /// PCI probing. Ember appends the words its own devices need.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// The i8042 words keep Linux from probing for a mouse port, a multiplexer and PnP ids the
+/// controller does not have (it only implements the reset command).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 /// KVM's own limit is checked against the host at start; this bounds what the MP table and MADT
 /// (one byte APIC ids, IOAPIC id = cpus) can describe.

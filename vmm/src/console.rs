@@ -1,42 +1,128 @@
 //! Where the guest's serial output goes, and the terminal it comes from.
 //!
-//! Output is written through unbuffered: a UART emits a byte at a time and a user watching a
-//! console expects to see each one. The writer also feeds the boot timeline (first byte, ready
-//! marker).
+//! The guest's UART writes into a bounded queue and a thread of its own (`ember-console`) writes
+//! the queue to the sink (stdout, a file). A vCPU thread never waits for the reader: a paused
+//! pager, `| sleep 30` or a full pipe only fill the queue, and stopping Ember (a signal, Ctrl-A x)
+//! never waits behind a blocked write. When [`OUTPUT_QUEUE_BYTES`] are waiting, newer guest output
+//! is dropped and counted (one warning says so), as a UART without flow control loses bytes.
+//! Bytes still reach a reader that keeps up as they come: the writer wakes for each one.
 //!
 //! When the console's reader goes away (`ember run ... | head -1`, a closed terminal), nobody can
 //! see the guest any more: Ember ends the VM and exits 141, as a pipeline stage killed by SIGPIPE
 //! does, instead of running a guest whose output is thrown away.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::timeline::{self, Phase};
 use crate::vcpu::{ExitReason, VmControl};
 
+/// Guest output that may wait for a slow reader.
+pub const OUTPUT_QUEUE_BYTES: usize = 1 << 20;
+/// The most the writer thread takes from the queue for one write.
+const WRITE_CHUNK: usize = 64 << 10;
+
+#[derive(Default)]
+struct QueueState {
+    bytes: VecDeque<u8>,
+    /// Bytes dropped because the queue was full.
+    dropped: u64,
+    /// The writer holds bytes it took from the queue and has not written yet.
+    writing: bool,
+    /// The writer has stopped: the reader is gone or the sink failed.
+    stopped: bool,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Bytes arrived, for the writer.
+    more: Condvar,
+    /// The writer finished a write, for `drain`.
+    wrote: Condvar,
+    reader_gone: AtomicBool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle that waits for queued guest output to be written, at the end of a VM.
+#[derive(Clone)]
+pub struct OutputDrain(Arc<Queue>);
+
+impl OutputDrain {
+    /// Waits until every queued byte is written, the writer stops, `give_up()` says to stop
+    /// waiting (checked every 20 ms), or `limit` passes. Returns whether everything was written
+    /// (false once the writer has stopped: its reader went away or the sink failed).
+    pub fn wait(&self, limit: Duration, give_up: impl Fn() -> bool) -> bool {
+        // No end when `limit` is too far for the clock.
+        let end = Instant::now().checked_add(limit);
+        let mut st = self.0.lock();
+        loop {
+            if st.stopped {
+                return false;
+            }
+            if st.bytes.is_empty() && !st.writing {
+                return true;
+            }
+            let now = Instant::now();
+            if end.is_some_and(|end| now >= end) || give_up() {
+                return false;
+            }
+            let step = end.map_or(Duration::MAX, |end| end - now).min(Duration::from_millis(20));
+            st = self
+                .0
+                .wrote
+                .wait_timeout(st, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Bytes dropped so far because the reader did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.0.lock().dropped
+    }
+}
+
 pub struct ConsoleOut {
-    sink: Box<dyn Write + Send>,
+    queue: Arc<Queue>,
     marker: Option<MarkerScan>,
-    ctl: Arc<VmControl>,
-    reader_gone: bool,
 }
 
 impl ConsoleOut {
+    /// Starts the writer thread for `sink`. With `seccomp`, the thread runs under its own filter
+    /// from its first instruction.
     pub fn new(
         sink: Box<dyn Write + Send>,
         ready_marker: Option<&str>,
         ctl: Arc<VmControl>,
-    ) -> Self {
-        ConsoleOut {
-            sink,
+        seccomp: bool,
+    ) -> io::Result<(Self, OutputDrain)> {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            more: Condvar::new(),
+            wrote: Condvar::new(),
+            reader_gone: AtomicBool::new(false),
+        });
+        let q = queue.clone();
+        std::thread::Builder::new()
+            .name("ember-console".into())
+            .spawn(move || writer(&q, sink, &ctl, seccomp))?;
+        let out = ConsoleOut {
+            queue: queue.clone(),
             marker: ready_marker
                 .filter(|m| !m.is_empty())
                 .map(|m| MarkerScan::new(m.as_bytes())),
-            ctl,
-            reader_gone: false,
-        }
+        };
+        Ok((out, OutputDrain(queue)))
     }
 
     /// Standard output as an unbuffered file, so each guest byte reaches the terminal at once.
@@ -51,7 +137,53 @@ impl ConsoleOut {
     }
 }
 
+/// The writer thread: queue to sink, one chunk at a time, blocking only itself.
+fn writer(queue: &Queue, mut sink: Box<dyn Write + Send>, ctl: &VmControl, seccomp: bool) {
+    if seccomp {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Console) {
+            ctl.request_exit(ExitReason::VcpuFailed(format!("console output: {e}")));
+            queue.lock().stopped = true;
+            return;
+        }
+    }
+    let mut chunk = Vec::with_capacity(WRITE_CHUNK);
+    loop {
+        {
+            let mut st = queue.lock();
+            st.writing = false;
+            queue.wrote.notify_all();
+            while st.bytes.is_empty() {
+                st = queue.more.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            let n = st.bytes.len().min(WRITE_CHUNK);
+            chunk.clear();
+            chunk.extend(st.bytes.drain(..n));
+            st.writing = true;
+        }
+        let result = sink.write_all(&chunk).and_then(|()| sink.flush());
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                log::debug!("console: the reader of the guest's output has gone; stopping");
+                queue.reader_gone.store(true, Ordering::SeqCst);
+                ctl.request_exit(ExitReason::Signal(libc::SIGPIPE));
+                break;
+            }
+            Err(e) => {
+                log::warn!("console: writing the guest's output failed, it is dropped from now on: {e}");
+                break;
+            }
+        }
+    }
+    let mut st = queue.lock();
+    st.stopped = true;
+    st.writing = false;
+    st.bytes.clear();
+    queue.wrote.notify_all();
+}
+
 impl Write for ConsoleOut {
+    /// Never blocks: the bytes are queued for the writer thread.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !buf.is_empty() {
             timeline::mark(Phase::FirstSerialByte);
@@ -62,26 +194,33 @@ impl Write for ConsoleOut {
                 self.marker = None;
             }
         }
-        if self.reader_gone {
-            // The VM is stopping; what the guest writes meanwhile has no reader.
+        let mut st = self.queue.lock();
+        if st.stopped {
+            // The reader is gone (the VM is stopping) or the sink failed.
             return Ok(buf.len());
         }
-        match self.sink.write_all(buf) {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                log::debug!("console: the reader of the guest's output has gone; stopping");
-                self.reader_gone = true;
-                self.ctl.request_exit(ExitReason::Signal(libc::SIGPIPE));
-                Ok(buf.len())
+        let room = OUTPUT_QUEUE_BYTES.saturating_sub(st.bytes.len());
+        let take = room.min(buf.len());
+        st.bytes.extend(&buf[..take]);
+        if take < buf.len() {
+            if st.dropped == 0 {
+                log::warn!(
+                    "console: the reader of the guest's output is not keeping up; {} KiB are \
+                     waiting, newer output is dropped until it catches up",
+                    OUTPUT_QUEUE_BYTES >> 10
+                );
             }
-            r => r.map(|()| buf.len()),
+            st.dropped += (buf.len() - take) as u64;
         }
+        drop(st);
+        self.queue.more.notify_one();
+        Ok(buf.len())
     }
 
+    /// Nothing to do: the UART flushes after every byte, and waiting for the reader is what the
+    /// queue is there to avoid. [`OutputDrain::wait`] waits at the end of the VM.
     fn flush(&mut self) -> io::Result<()> {
-        if self.reader_gone {
-            return Ok(());
-        }
-        self.sink.flush()
+        Ok(())
     }
 }
 
@@ -137,9 +276,9 @@ impl RawTerminal {
         let mut raw = saved;
         // SAFETY: raw is a valid termios.
         unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output processing: the host side of the console still wants \n -> \r\n for
-        // Ember's own messages.
-        raw.c_oflag = saved.c_oflag;
+        // Output processing off too (cfmakeraw clears OPOST): the guest's own tty already turns
+        // \n into \r\n, and a second translation here broke what full-screen programs draw
+        // (a bare line feed became a carriage return as well).
         // SAFETY: valid fd and pointer.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return Err(io::Error::last_os_error());
@@ -186,8 +325,10 @@ mod tests {
     #[test]
     fn a_closed_reader_ends_the_vm_as_sigpipe_would() {
         let ctl = Arc::new(VmControl::new().unwrap());
-        let mut out = ConsoleOut::new(Box::new(ClosedPipe), None, ctl.clone());
+        let (mut out, drain) =
+            ConsoleOut::new(Box::new(ClosedPipe), None, ctl.clone(), false).unwrap();
         assert_eq!(out.write(b"x").unwrap(), 1);
+        assert!(!drain.wait(Duration::from_secs(5), || false), "x was not written");
         assert!(matches!(
             ctl.reason(),
             Some(ExitReason::Signal(libc::SIGPIPE))
@@ -198,7 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn other_write_errors_reach_the_device() {
+    fn other_write_errors_drop_the_output_and_the_vm_goes_on() {
         struct Full;
         impl Write for Full {
             fn write(&mut self, _: &[u8]) -> io::Result<usize> {
@@ -209,8 +350,73 @@ mod tests {
             }
         }
         let ctl = Arc::new(VmControl::new().unwrap());
-        let mut out = ConsoleOut::new(Box::new(Full), None, ctl.clone());
-        assert!(out.write(b"x").is_err());
+        let (mut out, drain) = ConsoleOut::new(Box::new(Full), None, ctl.clone(), false).unwrap();
+        assert_eq!(out.write(b"x").unwrap(), 1);
+        drain.wait(Duration::from_secs(5), || false);
+        assert_eq!(out.write(b"y").unwrap(), 1);
         assert!(ctl.reason().is_none());
+    }
+
+    /// A sink whose writes block until the test lets them go, like a pipe nobody reads.
+    struct Stalled(std::sync::mpsc::Receiver<()>, Arc<Mutex<Vec<u8>>>);
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            self.1.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_never_blocks_the_guest_and_excess_output_is_dropped() {
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let (go, wait) = std::sync::mpsc::channel();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (mut out, drain) =
+            ConsoleOut::new(Box::new(Stalled(wait, got.clone())), None, ctl, false).unwrap();
+        let start = Instant::now();
+        let line = [b'a'; 1024];
+        for _ in 0..(2 * OUTPUT_QUEUE_BYTES / line.len()) {
+            assert_eq!(out.write(&line).unwrap(), line.len());
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        // The writer holds at most one chunk; the queue holds the rest up to its bound.
+        assert!(drain.dropped() >= (OUTPUT_QUEUE_BYTES - WRITE_CHUNK) as u64);
+        let t = Instant::now();
+        assert!(!drain.wait(Duration::from_millis(100), || false));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Once the reader reads, what was queued arrives.
+        drop(go);
+        assert!(drain.wait(Duration::from_secs(5), || false));
+        let n = got.lock().unwrap().len() as u64;
+        assert_eq!(n + drain.dropped(), 2 * OUTPUT_QUEUE_BYTES as u64);
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_gets_every_byte_in_order() {
+        struct Collect(Arc<Mutex<Vec<u8>>>);
+        impl Write for Collect {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let (mut out, drain) =
+            ConsoleOut::new(Box::new(Collect(got.clone())), None, ctl, false).unwrap();
+        let want: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        for b in &want {
+            out.write_all(std::slice::from_ref(b)).unwrap();
+        }
+        assert!(drain.wait(Duration::from_secs(5), || false));
+        assert_eq!(*got.lock().unwrap(), want);
+        assert_eq!(drain.dropped(), 0);
     }
 }

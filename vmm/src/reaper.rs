@@ -25,9 +25,42 @@ use std::os::fd::RawFd;
 /// The reaper's stack; it runs in Ember's address space, so it cannot use Ember's.
 const STACK_SIZE: usize = 64 * 1024;
 
+/// What the reaper needs to start: its descriptors and, with `--seccomp on`, its filter.
+#[repr(C)]
+struct Start {
+    vm_fd: RawFd,
+    ember: RawFd,
+    /// A `sock_fprog` for seccomp(2), or null.
+    filter: *const libc::sock_fprog,
+}
+
 /// Starts the reaper. Ember calls it right after creating the VM; the reaper makes only raw
-/// system calls, so the threads Ember starts later cannot disturb it.
-pub fn spawn(vm_fd: RawFd) -> io::Result<()> {
+/// system calls, so the threads Ember starts later cannot disturb it. With `seccomp`, its first
+/// act is to put itself under `seccomp::reaper_filter()`.
+pub fn spawn(vm_fd: RawFd, seccomp: bool) -> io::Result<()> {
+    // Built here, where allocating is fine, and never freed: the reaper reads it from memory it
+    // shares with Ember, possibly after Ember has moved on.
+    let filter: *const libc::sock_fprog = if seccomp {
+        let program = crate::seccomp::reaper_filter().map_err(io::Error::other)?;
+        let program: &'static [libc::sock_filter] = Box::leak(
+            program
+                .iter()
+                .map(|f| libc::sock_filter {
+                    code: f.code,
+                    jt: f.jt,
+                    jf: f.jf,
+                    k: f.k,
+                })
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        Box::leak(Box::new(libc::sock_fprog {
+            len: u16::try_from(program.len()).map_err(io::Error::other)?,
+            filter: program.as_ptr().cast_mut(),
+        }))
+    } else {
+        std::ptr::null()
+    };
     // SAFETY: pidfd_open on our own pid; it returns a new descriptor or -1.
     let ember = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if ember < 0 {
@@ -52,15 +85,20 @@ pub fn spawn(vm_fd: RawFd) -> io::Result<()> {
         unsafe { libc::close(ember) };
         return Err(err);
     }
-    let fds = (vm_fd as u32 as usize) << 32 | ember as u32 as usize;
+    let start: &'static Start = Box::leak(Box::new(Start {
+        vm_fd,
+        ember,
+        filter,
+    }));
     // SAFETY: the child runs `reaper` on its own stack (the top of the mapping above) and makes
-    // only raw system calls, never touching memory Ember uses (errno included).
+    // only raw system calls, never touching memory Ember uses (errno included); `start` and the
+    // filter it points to are never freed.
     let pid = unsafe {
         libc::clone(
             reaper,
             stack.cast::<u8>().add(STACK_SIZE).cast(),
             libc::CLONE_VM | libc::SIGCHLD,
-            fds as *mut libc::c_void,
+            start as *const Start as *mut libc::c_void,
         )
     };
     let err = io::Error::last_os_error();
@@ -78,9 +116,23 @@ pub fn spawn(vm_fd: RawFd) -> io::Result<()> {
 /// the VM and Ember's pidfd and closes the rest (the terminal, pipes a caller waits on for EOF,
 /// /dev/kvm).
 extern "C" fn reaper(arg: *mut libc::c_void) -> libc::c_int {
-    let fds = arg as usize;
-    let vm_fd = (fds >> 32) as u32 as usize;
-    let ember = fds as u32 as usize;
+    // SAFETY: `spawn` passes a leaked, never-freed `Start`.
+    let start = unsafe { &*(arg as *const Start) };
+    if !start.filter.is_null() {
+        // Before anything else. No new privileges is what seccomp(2) asks of an unprivileged
+        // caller; a reaper that cannot be filtered exits (Ember's exit is only slower).
+        let filtered = raw_syscall(libc::SYS_prctl, [libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0])
+            == 0
+            && raw_syscall(
+                libc::SYS_seccomp,
+                [libc::SECCOMP_SET_MODE_FILTER as usize, 0, start.filter as usize],
+            ) == 0;
+        if !filtered {
+            raw_syscall(libc::SYS_exit, [1, 0, 0]);
+        }
+    }
+    let vm_fd = start.vm_fd as u32 as usize;
+    let ember = start.ember as u32 as usize;
     let keep = [vm_fd.min(ember), vm_fd.max(ember)];
     let mut from = 0usize;
     for k in keep {
@@ -116,11 +168,12 @@ extern "C" fn reaper(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 /// A system call that returns -errno instead of writing errno: the reaper shares Ember's
-/// thread-local storage, and glibc's wrappers would write Ember's main thread's errno.
+/// thread-local storage, and glibc's wrappers would write Ember's main thread's errno. The
+/// fourth and fifth arguments are zero (prctl checks them).
 fn raw_syscall(nr: libc::c_long, args: [usize; 3]) -> isize {
     let ret: isize;
-    // SAFETY: the x86_64 system call ABI: number in rax, arguments in rdi, rsi, rdx; rcx and
-    // r11 are clobbered. Callers pass valid arguments for `nr`.
+    // SAFETY: the x86_64 system call ABI: number in rax, arguments in rdi, rsi, rdx, r10, r8;
+    // rcx and r11 are clobbered. Callers pass valid arguments for `nr`.
     unsafe {
         std::arch::asm!(
             "syscall",
@@ -128,6 +181,8 @@ fn raw_syscall(nr: libc::c_long, args: [usize; 3]) -> isize {
             in("rdi") args[0],
             in("rsi") args[1],
             in("rdx") args[2],
+            in("r10") 0usize,
+            in("r8") 0usize,
             lateout("rcx") _,
             lateout("r11") _,
             options(nostack),

@@ -24,7 +24,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{self, SerialMode, VmConfig};
-use crate::console::{ConsoleOut, RawTerminal};
+use crate::console::{ConsoleOut, OutputDrain, RawTerminal};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::host::{self, HostKind};
 use crate::timeline::{self, Phase};
@@ -231,7 +231,10 @@ fn load_kernel(
     Ok((loaded, initrd))
 }
 
-fn serial_sink(cfg: &VmConfig, ctl: &Arc<VmControl>) -> Result<Box<dyn Write + Send>> {
+fn serial_sink(
+    cfg: &VmConfig,
+    ctl: &Arc<VmControl>,
+) -> Result<(Box<dyn Write + Send>, OutputDrain)> {
     let sink: Box<dyn Write + Send> = match &cfg.serial {
         SerialMode::Stdio => Box::new(ConsoleOut::stdout().map_err(|source| VmmError::Open {
             path: "stdout".into(),
@@ -249,12 +252,15 @@ fn serial_sink(cfg: &VmConfig, ctl: &Arc<VmControl>) -> Result<Box<dyn Write + S
         ),
         SerialMode::Null => Box::new(io::sink()),
     };
-    Ok(Box::new(ConsoleOut::new(
-        sink,
-        cfg.ready_marker.as_deref(),
-        ctl.clone(),
-    )))
+    let (out, drain) = ConsoleOut::new(sink, cfg.ready_marker.as_deref(), ctl.clone(), cfg.seccomp)
+        .map_err(|e| VmmError::Devices(format!("console output thread: {e}")))?;
+    Ok((Box::new(out), drain))
 }
+
+/// How long Ember waits at exit for a stalled console reader to take the guest's last output
+/// when a signal stopped it (the user wants it gone); a guest that ended by itself gets its
+/// output written for as long as the reader takes, until a signal comes.
+const OUTPUT_DRAIN_ON_SIGNAL: Duration = Duration::from_millis(300);
 
 // The FADT's CENTURY field and the device must name the same CMOS byte.
 const _: () = assert!(layout::CMOS_CENTURY_INDEX == ember_devices::cmos::CMOS_CENTURY);
@@ -266,6 +272,7 @@ struct LegacyDevices {
     reset: EventFd,
     poweroff: EventFd,
     panicked: EventFd,
+    output: OutputDrain,
 }
 
 fn setup_legacy_devices(
@@ -278,8 +285,9 @@ fn setup_legacy_devices(
     let serial_irq = EventFdTrigger::new().map_err(|e| err("serial eventfd", &e))?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
         .map_err(|e| VmmError::KvmSetup("KVM_IRQFD (COM1)", e))?;
+    let (sink, output) = serial_sink(cfg, ctl)?;
     let serial = Arc::new(Mutex::new(
-        SerialDevice::new(serial_irq, serial_sink(cfg, ctl)?).map_err(|e| err("serial", &e))?,
+        SerialDevice::new(serial_irq, sink).map_err(|e| err("serial", &e))?,
     ));
     let reset = EventFdTrigger::new().map_err(|e| err("reset eventfd", &e))?;
     let poweroff = EventFdTrigger::new().map_err(|e| err("poweroff eventfd", &e))?;
@@ -321,6 +329,7 @@ fn setup_legacy_devices(
         reset: reset_watch,
         poweroff: poweroff_watch,
         panicked: panicked_watch,
+        output,
     })
 }
 
@@ -372,7 +381,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     {
         use std::os::fd::AsRawFd;
         // Not fatal: without the reaper Ember only exits later.
-        if let Err(e) = crate::reaper::spawn(vm.as_raw_fd()) {
+        if let Err(e) = crate::reaper::spawn(vm.as_raw_fd(), cfg.seccomp) {
             log::warn!("VM teardown will delay Ember's exit: cannot fork the reaper: {e}");
         }
     }
@@ -481,11 +490,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     for t in threads {
         t.stop(Duration::from_secs(1));
     }
-    let _ = legacy
-        .serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .flush_output();
+    let stopped_by_signal = matches!(result, Ok(ExitReason::Signal(_)));
+    let limit = if stopped_by_signal {
+        OUTPUT_DRAIN_ON_SIGNAL
+    } else {
+        Duration::MAX
+    };
+    let signalled = || crate::signals::first().is_some();
+    if !legacy.output.wait(limit, signalled) {
+        log::info!("console: the guest's last output was not all written (the reader stalled)");
+    }
+    let dropped = legacy.output.dropped();
+    if dropped > 0 {
+        log::warn!("console: {dropped} bytes of guest output were dropped: the reader did not keep up");
+    }
     if let Some(t) = &terminal {
         t.restore();
     }
