@@ -670,7 +670,18 @@ fn seccomp_modes(pid: i32) -> Vec<(String, u32)> {
 
 fn check_filters(extra: &[&str], want_mode: u32) {
     let echo = common::guest("echo");
-    let mut args = vec!["run", "--kernel", echo.to_str().unwrap(), "--cpus", "2"];
+    // A disk, so that its I/O thread is there to check too.
+    let disk = write_file(&format!("filters-{want_mode}.img"), &[0u8; 64 * 512]);
+    let spec = format!("path={}", disk.display());
+    let mut args = vec![
+        "run",
+        "--kernel",
+        echo.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--disk",
+        &spec,
+    ];
     args.extend_from_slice(extra);
     let mut vm = Running::spawn(&args);
     vm.wait_for("echo: ready");
@@ -679,8 +690,10 @@ fn check_filters(extra: &[&str], want_mode: u32) {
     let end = Instant::now() + Duration::from_secs(5);
     let modes = loop {
         let modes = seccomp_modes(vm.pid());
-        let settled =
-            modes.iter().any(|(n, _)| n == "vcpu1") && modes.iter().all(|(_, m)| *m == want_mode);
+        let settled = ["vcpu1", "ember-console", "ember-disk0"]
+            .iter()
+            .all(|t| modes.iter().any(|(n, _)| n == t))
+            && modes.iter().all(|(_, m)| *m == want_mode);
         if settled || Instant::now() > end {
             break modes;
         }
@@ -690,7 +703,12 @@ fn check_filters(extra: &[&str], want_mode: u32) {
         modes.len() >= 3,
         "main thread and two vCPU threads expected: {modes:?}"
     );
-    assert!(modes.iter().any(|(n, _)| n == "vcpu1"), "{modes:?}");
+    for thread in ["vcpu1", "ember-console", "ember-disk0"] {
+        assert!(
+            modes.iter().any(|(n, _)| n == thread),
+            "no {thread}: {modes:?}"
+        );
+    }
     for (name, mode) in &modes {
         assert_eq!(*mode, want_mode, "thread {name}: {modes:?}");
     }

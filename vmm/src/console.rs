@@ -76,7 +76,9 @@ impl OutputDrain {
             if end.is_some_and(|end| now >= end) || give_up() {
                 return false;
             }
-            let step = end.map_or(Duration::MAX, |end| end - now).min(Duration::from_millis(20));
+            let step = end
+                .map_or(Duration::MAX, |end| end - now)
+                .min(Duration::from_millis(20));
             st = self
                 .0
                 .wrote
@@ -139,6 +141,7 @@ impl ConsoleOut {
 
 /// The writer thread: queue to sink, one chunk at a time, blocking only itself.
 fn writer(queue: &Queue, mut sink: Box<dyn Write + Send>, ctl: &VmControl, seccomp: bool) {
+    crate::signals::block_in_this_thread();
     if seccomp {
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Console) {
             ctl.request_exit(ExitReason::VcpuFailed(format!("console output: {e}")));
@@ -170,7 +173,9 @@ fn writer(queue: &Queue, mut sink: Box<dyn Write + Send>, ctl: &VmControl, secco
                 break;
             }
             Err(e) => {
-                log::warn!("console: writing the guest's output failed, it is dropped from now on: {e}");
+                log::warn!(
+                    "console: writing the guest's output failed, it is dropped from now on: {e}"
+                );
                 break;
             }
         }
@@ -328,7 +333,10 @@ mod tests {
         let (mut out, drain) =
             ConsoleOut::new(Box::new(ClosedPipe), None, ctl.clone(), false).unwrap();
         assert_eq!(out.write(b"x").unwrap(), 1);
-        assert!(!drain.wait(Duration::from_secs(5), || false), "x was not written");
+        assert!(
+            !drain.wait(Duration::from_secs(5), || false),
+            "x was not written"
+        );
         assert!(matches!(
             ctl.reason(),
             Some(ExitReason::Signal(libc::SIGPIPE))
@@ -382,7 +390,11 @@ mod tests {
         for _ in 0..(2 * OUTPUT_QUEUE_BYTES / line.len()) {
             assert_eq!(out.write(&line).unwrap(), line.len());
         }
-        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
         // The writer holds at most one chunk; the queue holds the rest up to its bound.
         assert!(drain.dropped() >= (OUTPUT_QUEUE_BYTES - WRITE_CHUNK) as u64);
         let t = Instant::now();

@@ -2,7 +2,10 @@
 //!
 //! Each disk gets the next virtio-mmio slot from the memory map (address, IRQ), an irqfd on that
 //! IRQ, one ioeventfd per queue at QueueNotify (datamatch = queue index), a place on the MMIO bus,
-//! and a subscriber on the event loop, which is where its requests are served.
+//! and a thread of its own (`ember-disk<N>`, with its own seccomp filter) whose event loop serves
+//! its requests. Disk I/O (preadv, pwritev, fdatasync, punching holes) never runs on the main
+//! event loop, so a guest that keeps a queue full of large requests, or a slow FLUSH, cannot delay
+//! signals, the console or Ctrl-A x.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
@@ -14,6 +17,8 @@ use ember_devices::virtio::mmio::NOTIFY_OFFSET;
 use ember_devices::virtio::{Block, DiskConfig, MmioTransport};
 use ember_devices::{Bus, BusDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use crate::vcpu::{ExitReason, VmControl};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -55,6 +60,12 @@ pub enum DiskError {
         path: std::path::PathBuf,
         #[source]
         source: vmm_sys_util::errno::Error,
+    },
+    #[error("disk {}: cannot start its I/O thread: {source}", path.display())]
+    Thread {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("disk {}: {source}", path.display())]
     Bus {
@@ -135,9 +146,10 @@ fn check_not_given_twice(disks: &[DiskConfig]) -> Result<(), DiskError> {
 pub fn attach_disks(
     vm: &VmFd,
     mmio_bus: &mut Bus,
-    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     mem: &GuestMemoryMmap,
     disks: &[DiskConfig],
+    ctl: &Arc<VmControl>,
+    seccomp: bool,
 ) -> Result<Vec<MmioDeviceInfo>, DiskError> {
     check_not_given_twice(disks)?;
     let mut slots = Vec::with_capacity(disks.len());
@@ -184,8 +196,44 @@ pub fn attach_disks(
                 path: path(),
                 source,
             })?;
-        event_manager.add_subscriber(device as Arc<Mutex<dyn MutEventSubscriber + Send>>);
+        spawn_io_thread(i, device, ctl.clone(), seccomp).map_err(|source| DiskError::Thread {
+            path: path(),
+            source,
+        })?;
         slots.push(slot);
     }
     Ok(slots)
+}
+
+/// The disk's own event loop, on its own thread: queue notifications in, requests served, the
+/// interrupt raised. Ends with the process.
+fn spawn_io_thread(
+    index: usize,
+    device: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+    ctl: Arc<VmControl>,
+    seccomp: bool,
+) -> std::io::Result<()> {
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    em.add_subscriber(device);
+    std::thread::Builder::new()
+        .name(format!("ember-disk{index}"))
+        .spawn(move || {
+            crate::signals::block_in_this_thread();
+            if seccomp {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Disk) {
+                    ctl.request_exit(ExitReason::VcpuFailed(format!("disk {index}: {e}")));
+                    return;
+                }
+            }
+            loop {
+                if let Err(e) = em.run() {
+                    ctl.request_exit(ExitReason::VcpuFailed(format!(
+                        "disk {index}: event loop: {e:?}"
+                    )));
+                    return;
+                }
+            }
+        })?;
+    Ok(())
 }

@@ -125,7 +125,11 @@ extern "C" fn reaper(arg: *mut libc::c_void) -> libc::c_int {
             == 0
             && raw_syscall(
                 libc::SYS_seccomp,
-                [libc::SECCOMP_SET_MODE_FILTER as usize, 0, start.filter as usize],
+                [
+                    libc::SECCOMP_SET_MODE_FILTER as usize,
+                    0,
+                    start.filter as usize,
+                ],
             ) == 0;
         if !filtered {
             raw_syscall(libc::SYS_exit, [1, 0, 0]);

@@ -29,6 +29,8 @@ pub enum ThreadKind {
     Main,
     /// The console output thread: writes queued guest output to stdout or a file.
     Console,
+    /// A disk's I/O thread: its event loop (queue notifications), requests on its image.
+    Disk,
 }
 
 impl ThreadKind {
@@ -37,6 +39,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Main => "main (event loop)",
             ThreadKind::Console => "console output",
+            ThreadKind::Disk => "disk I/O",
         }
     }
 }
@@ -99,6 +102,16 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
             libc::SYS_read,
+            // Stopping the vCPU threads: kick, wait, join.
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+        ]),
+        ThreadKind::Disk => calls.extend([
+            // Its event loop and the queue eventfds.
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_read,
             // virtio-blk requests on the image.
             libc::SYS_pread64,
             libc::SYS_pwrite64,
@@ -107,9 +120,6 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_fdatasync,
             libc::SYS_fsync,
             libc::SYS_fallocate,
-            // Stopping the vCPU threads: kick, wait, join.
-            libc::SYS_clock_nanosleep,
-            libc::SYS_nanosleep,
         ]),
     }
     calls
@@ -132,7 +142,7 @@ fn conditional_rules(
     let no_exec = || cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
     let ioctl_requests: &[u64] = match kind {
         ThreadKind::Vcpu => &[KVM_RUN],
-        ThreadKind::Console => &[],
+        ThreadKind::Console | ThreadKind::Disk => &[],
         // Restoring the terminal on exit.
         ThreadKind::Main => &[TCGETS, TCSETS],
     };
@@ -509,13 +519,28 @@ mod tests {
         );
         assert_eq!(err, "serial byte\n");
 
-        let (status, err) = in_filtered_child(ThreadKind::Main, || unsafe {
+        let (status, err) = in_filtered_child(ThreadKind::Disk, || unsafe {
             let ep = 0; // not an epoll fd: EBADF/EINVAL, but allowed
             let mut ev: [libc::epoll_event; 1] = std::mem::zeroed();
             libc::epoll_wait(ep, ev.as_mut_ptr(), 1, 0);
             let mut b = [0u8; 1];
             libc::pread64(0, b.as_mut_ptr().cast(), 1, 0);
             libc::fdatasync(0);
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x} {err}"
+        );
+        // Disk I/O is the disk threads' alone.
+        let (status, _) = in_filtered_child(ThreadKind::Main, || unsafe {
+            libc::fdatasync(0);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+
+        let (status, err) = in_filtered_child(ThreadKind::Main, || unsafe {
+            let ep = 0; // not an epoll fd: EBADF/EINVAL, but allowed
+            let mut ev: [libc::epoll_event; 1] = std::mem::zeroed();
+            libc::epoll_wait(ep, ev.as_mut_ptr(), 1, 0);
             let ts = libc::timespec {
                 tv_sec: 0,
                 tv_nsec: 1000,

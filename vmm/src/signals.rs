@@ -37,9 +37,30 @@ pub fn install(wake: &EventFd) {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_stop_signal as *const () as usize;
             sa.sa_flags = libc::SA_RESTART;
+            // The other stop signals wait while one is handled: delivered at once, the later
+            // one's handler would run on top of the first and record itself first.
             libc::sigemptyset(&mut sa.sa_mask);
+            for other in STOP_SIGNALS {
+                libc::sigaddset(&mut sa.sa_mask, other);
+            }
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
+    }
+}
+
+/// Keeps the stop signals away from the calling thread, so that they all go to the main thread,
+/// one at a time and in the order the kernel delivers them (a handler running on two threads at
+/// once let the later signal win). Every thread Ember starts calls this first.
+pub fn block_in_this_thread() {
+    // SAFETY: a sigset filled by sigemptyset/sigaddset, and pthread_sigmask on the calling
+    // thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

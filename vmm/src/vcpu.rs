@@ -142,6 +142,7 @@ impl VcpuThread {
 }
 
 fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, seccomp: bool) {
+    crate::signals::block_in_this_thread();
     // Before the first guest instruction: from here on the guest drives this thread.
     if seccomp {
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {

@@ -400,7 +400,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let legacy = setup_legacy_devices(&vm, &mut pio, cfg, &ctl)?;
-    let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mut event_manager, &mem, &cfg.disks)?;
+    let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mem, &cfg.disks, &ctl, cfg.seccomp)?;
 
     // vCPUs exist before the command line is written: the TSC frequency comes from one.
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
@@ -502,7 +502,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     }
     let dropped = legacy.output.dropped();
     if dropped > 0 {
-        log::warn!("console: {dropped} bytes of guest output were dropped: the reader did not keep up");
+        log::warn!(
+            "console: {dropped} bytes of guest output were dropped: the reader did not keep up"
+        );
     }
     if let Some(t) = &terminal {
         t.restore();

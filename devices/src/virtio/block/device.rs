@@ -30,7 +30,10 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// iovecs per preadv/pwritev: a whole request's segments (at most SEG_MAX, more only where one
 /// crosses a guest memory region boundary) in one call, on the stack. Below IOV_MAX (1024).
 const IOV_BATCH: usize = QUEUE_SIZE as usize;
-const MAX_DISCARD_SECTORS: u32 = u32::MAX;
+/// The most one DISCARD or WRITE_ZEROES may cover: 32 MiB, which the disk thread zeroes in tens of
+/// milliseconds even where the image cannot punch holes (a single request could once ask for the
+/// whole image, holding its queue for as long as that took).
+const MAX_DISCARD_SECTORS: u32 = 1 << 16;
 
 pub struct Block {
     disk: DiskImage,

@@ -289,6 +289,12 @@ fn offers_flush_seg_max_discard_and_reports_capacity() {
     let mut seg_max = [0u8; 4];
     d.block.read_config(12, &mut seg_max);
     assert_eq!(u32::from_le_bytes(seg_max), u32::from(QUEUE_SIZE) - 2);
+    // DISCARD and WRITE_ZEROES are capped at 32 MiB a request (virtio 1.2 5.2.4 offsets).
+    for offset in [36u64, 48] {
+        let mut max = [0u8; 4];
+        d.block.read_config(offset, &mut max);
+        assert_eq!(u32::from_le_bytes(max), 1 << 16, "config offset {offset}");
+    }
     // Past the end of the config space reads as zero rather than failing.
     let mut far = [0xaau8; 4];
     d.block.read_config(0xefc, &mut far);
