@@ -1,6 +1,6 @@
 //! What a guest does to the legacy devices: arbitrary port reads and writes of any width (and
-//! console input) on a port bus holding COM1, the i8042 and the ACPI sleep registers, placed as
-//! Ember places them. Besides not panicking: the VM-ending events fire exactly when the guest
+//! console input) on a port bus holding COM1, the i8042, the ACPI sleep registers, the CMOS RTC
+//! and the pvpanic port, placed as Ember places them. Besides not panicking: the VM-ending events fire exactly when the guest
 //! sent the one command that means them.
 #![no_main]
 
@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use ember_boot::layout;
 use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
+use ember_devices::cmos::{Cmos, CMOS_PORT_LEN};
+use ember_devices::pvpanic::{PvPanic, PVPANIC_PANICKED, PVPANIC_PORT_LEN};
 use ember_devices::i8042::{I8042, I8042_PORT_LEN};
 use ember_devices::serial::SerialDevice;
 use ember_devices::{Bus, BusDevice, EventFdTrigger};
@@ -50,10 +52,12 @@ enum Op {
     },
 }
 
-const BASES: [u16; 3] = [
+const BASES: [u16; 5] = [
     layout::COM1_PORT,
     layout::I8042_PORT,
     layout::ACPI_SLEEP_CONTROL_PORT,
+    layout::CMOS_PORT,
+    layout::PVPANIC_PORT,
 ];
 const I8042_COMMAND: u64 = layout::I8042_PORT as u64 + 4;
 const I8042_RESET: u8 = 0xfe;
@@ -63,11 +67,12 @@ fuzz_target!(|ops: Vec<Op>| {
     let serial_irq = EventFdTrigger::new().unwrap();
     let reset = EventFdTrigger::new().unwrap();
     let poweroff = EventFdTrigger::new().unwrap();
+    let panicked = EventFdTrigger::new().unwrap();
     let serial = Arc::new(Mutex::new(
         SerialDevice::new(serial_irq.try_clone().unwrap(), Box::new(std::io::sink())).unwrap(),
     ));
     let mut bus = Bus::new();
-    let devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 3] = [
+    let devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 5] = [
         (layout::COM1_PORT, 8, serial.clone()),
         (
             layout::I8042_PORT,
@@ -82,13 +87,19 @@ fuzz_target!(|ops: Vec<Op>| {
                 layout::ACPI_S5_SLP_TYP,
             ))),
         ),
+        (layout::CMOS_PORT, CMOS_PORT_LEN, Arc::new(Mutex::new(Cmos::new()))),
+        (
+            layout::PVPANIC_PORT,
+            PVPANIC_PORT_LEN,
+            Arc::new(Mutex::new(PvPanic::new(panicked.try_clone().unwrap()))),
+        ),
     ];
     let direct: Vec<Arc<Mutex<dyn BusDevice>>> = devices.iter().map(|d| d.2.clone()).collect();
     for (port, len, dev) in devices {
         bus.insert(u64::from(port), len, dev).unwrap();
     }
 
-    let (mut resets, mut poweroffs) = (0u64, 0u64);
+    let (mut resets, mut poweroffs, mut panics) = (0u64, 0u64, 0u64);
     let mut write = |port: u64, data: &[u8]| {
         bus.write(port, data);
         if port == I8042_COMMAND && data == [I8042_RESET] {
@@ -101,6 +112,13 @@ fuzz_target!(|ops: Vec<Op>| {
         {
             poweroffs += 1;
         }
+        // The port is one byte wide: the bus refuses a wider access.
+        if port == u64::from(layout::PVPANIC_PORT)
+            && data.len() == 1
+            && data[0] & PVPANIC_PANICKED != 0
+        {
+            panics += 1;
+        }
     };
     for op in ops {
         match op {
@@ -110,11 +128,11 @@ fuzz_target!(|ops: Vec<Op>| {
                 width,
             } => {
                 let mut buf = vec![0u8; usize::from(width % 9)];
-                let port = u64::from(BASES[usize::from(device) % 3]) + u64::from(port % 16);
+                let port = u64::from(BASES[usize::from(device) % BASES.len()]) + u64::from(port % 16);
                 bus.read(port.saturating_sub(4), &mut buf);
             }
             Op::Write { device, port, data } => {
-                let port = u64::from(BASES[usize::from(device) % 3]) + u64::from(port % 16);
+                let port = u64::from(BASES[usize::from(device) % BASES.len()]) + u64::from(port % 16);
                 write(port.saturating_sub(4), &data[..data.len().min(8)]);
             }
             Op::RawRead { port, width } => {
@@ -128,7 +146,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 width,
             } => {
                 let mut buf = vec![0u8; usize::from(width % 9)];
-                direct[usize::from(device) % 3]
+                direct[usize::from(device) % BASES.len()]
                     .lock()
                     .unwrap()
                     .read(offset, &mut buf);
@@ -141,9 +159,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 // Not the reset or S5 command (the bus-level counts above track those): only
                 // the offsets differ from what a bus would hand over.
                 let data = &data[..data.len().min(8)];
-                let dev = usize::from(device) % 3;
+                let dev = usize::from(device) % BASES.len();
                 let is_command = (dev == 1 && offset == 4 && data == [I8042_RESET])
-                    || (dev == 2 && offset == 0 && data.len() == 1 && data[0] & SLP_EN != 0);
+                    || (dev == 2 && offset == 0 && data.len() == 1 && data[0] & SLP_EN != 0)
+                    || (dev == 4 && data.first().is_some_and(|b| b & PVPANIC_PANICKED != 0));
                 if !is_command {
                     direct[dev].lock().unwrap().write(offset, data);
                 }
@@ -159,4 +178,5 @@ fuzz_target!(|ops: Vec<Op>| {
     // An eventfd counter reads as the sum of the writes; a never-written one would block (EAGAIN).
     assert_eq!(reset.read().unwrap_or(0), resets, "i8042 resets");
     assert_eq!(poweroff.read().unwrap_or(0), poweroffs, "ACPI S5 poweroffs");
+    assert_eq!(panicked.read().unwrap_or(0), panics, "pvpanic panics");
 });

@@ -460,12 +460,14 @@ fn initramfs_shell_sees_cpus_memory_and_answers_on_the_console() {
         Expect::new("shell answer", &["ember-kit-echo 42"]),
         Expect::new("a process on CPU 1", &["ember-kit-on-cpu 1"]),
         Expect::new("serial interrupts", &["ember-kit-irq", "ttyS"]),
+        Expect::new("the guest's date", &["ember-kit-date-"]),
         Expect::new("reboot: Restarting system", &["reboot: Restarting system"]),
     ];
     let ready = |l: &str| l.contains("ember-kit: ready");
     let answered = |l: &str| l.contains("ember-kit-echo 42");
     let on_cpu = |l: &str| printed(l, "ember-kit-on-cpu");
     let irq = |l: &str| printed(l, "ember-kit-irq") && l.contains("ttyS");
+    let dated = |l: &str| printed(l, "ember-kit-date-");
     let input: Input = &[
         (&ready, "echo ember-kit-echo $((6*7))\n"),
         // Field 39 of /proc/self/stat is the CPU the process last ran on.
@@ -477,7 +479,9 @@ fn initramfs_shell_sees_cpus_memory_and_answers_on_the_console() {
             &on_cpu,
             "while read -r l; do case \"$l\" in *ttyS*) echo \"ember-kit-irq $l\";; esac; done </proc/interrupts\n",
         ),
-        (&irq, "reboot -f\n"),
+        // The guest's clock comes from Ember's CMOS RTC: the host's date.
+        (&irq, "date -u +ember-kit-date-%Y-%m-%d\n"),
+        (&dated, "reboot -f\n"),
     ];
     let b = boot_initramfs(
         &kernel,
@@ -508,7 +512,26 @@ fn initramfs_shell_sees_cpus_memory_and_answers_on_the_console() {
         "{TEST}: ember should exit 0 when the guest reboots\n{}",
         b.transcript()
     );
-    let (Some(asked), Some(done)) = (b.seen[5], b.seen[6]) else {
+    let host_date = || {
+        let out = Command::new("date")
+            .args(["-u", "+ember-kit-date-%Y-%m-%d"])
+            .output()
+            .expect("date (coreutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let guest_date = b
+        .lines
+        .iter()
+        .map(|(_, l)| l.trim())
+        .find(|l| dated(l))
+        .unwrap_or("");
+    assert_eq!(
+        guest_date,
+        host_date(),
+        "{TEST}: the guest's date is not the host's\n{}",
+        b.transcript()
+    );
+    let (Some(asked), Some(done)) = (b.seen[6], b.seen[7]) else {
         unreachable!("all seen")
     };
     eprintln!(
