@@ -344,6 +344,18 @@ fn echo_stdin_reaches_the_guest_line_by_line() {
     assert!(status.success(), "{status:?}\n{}", seen.join("\n"));
 }
 
+/// `rep outsb` to the UART: every byte of the string reaches the console (it was once dropped,
+/// as a multi-byte write the UART did not take).
+#[test]
+fn a_string_out_to_the_uart_reaches_the_console_whole() {
+    let run = boot("outsb", &[]);
+    let out = run.ok();
+    assert!(
+        out.contains("outsb: this line came in one rep outsb\n") && out.contains("outsb: done"),
+        "{out}"
+    );
+}
+
 /// A 4 KiB line written at once (a paste) reaches the guest whole without waiting for more
 /// input: stdin stays open and nothing else is written until the guest has echoed it. Ember once
 /// read stdin through std's buffer, which epoll cannot see, and the rest of such a line waited for

@@ -153,8 +153,17 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
     if id == 0 {
         timeline::mark(Phase::FirstKvmRun);
     }
+    // A string OUT (`rep outsb`) arrives as one exit with `count` items of `size` bytes; it is
+    // copied here and handed to the device an item at a time once KVM's exit record can be read.
+    let mut string_out = [0u8; 4096];
     while !ctl.stopping() {
+        let mut pending_string_out = None;
         match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if data.len() > 1 => {
+                let n = data.len().min(string_out.len());
+                string_out[..n].copy_from_slice(&data[..n]);
+                pending_string_out = Some((port, n));
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !pio.write(u64::from(port), data) {
                     log::debug!("vcpu{id}: write to unclaimed port {port:#x} ignored");
@@ -212,6 +221,15 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => {
                 ctl.request_exit(ExitReason::VcpuFailed(format!("vCPU {id}: KVM_RUN: {e}")));
+            }
+        }
+        if let Some((port, n)) = pending_string_out {
+            // SAFETY: the exit just handled was KVM_EXIT_IO, for which KVM filled `io`.
+            let size = usize::from(unsafe { vcpu.get_kvm_run().__bindgen_anon_1.io.size });
+            for item in string_out[..n].chunks(size.max(1)) {
+                if !pio.write(u64::from(port), item) {
+                    log::debug!("vcpu{id}: write to unclaimed port {port:#x} ignored");
+                }
             }
         }
     }
