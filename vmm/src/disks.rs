@@ -3,7 +3,8 @@
 //! Each disk gets the next virtio-mmio slot from the memory map (address, IRQ), an irqfd on that
 //! IRQ, one ioeventfd per queue at QueueNotify (datamatch = queue index), a place on the MMIO bus,
 //! and a thread of its own (`ember-disk<N>`, with its own seccomp filter) whose event loop serves
-//! its requests. Disk I/O (preadv, pwritev, fdatasync, punching holes) never runs on the main
+//! its requests through the transport's queue handler, never through the transport itself: a
+//! vCPU reading the device's registers does not wait for a request in flight. Disk I/O (preadv, pwritev, fdatasync, punching holes) never runs on the main
 //! event loop, so a guest that keeps a queue full of large requests, or a slow FLUSH, cannot delay
 //! signals, the console or Ctrl-A x.
 
@@ -185,18 +186,23 @@ pub fn attach_disks(
                 source,
             })?;
         }
+        // Requests are served by the queue handler on the disk's thread; the transport on the
+        // bus only answers register accesses, which therefore never wait for the disk.
+        let handler = transport
+            .queue_handler()
+            .map_err(|source| DiskError::Transport {
+                path: path(),
+                source,
+            })?;
         let device = Arc::new(Mutex::new(transport));
         mmio_bus
-            .insert(
-                slot.addr,
-                slot.len,
-                device.clone() as Arc<Mutex<dyn BusDevice>>,
-            )
+            .insert(slot.addr, slot.len, device as Arc<Mutex<dyn BusDevice>>)
             .map_err(|source| DiskError::Bus {
                 path: path(),
                 source,
             })?;
-        spawn_io_thread(i, device, ctl.clone(), seccomp).map_err(|source| DiskError::Thread {
+        let handler = Arc::new(Mutex::new(handler));
+        spawn_io_thread(i, handler, ctl.clone(), seccomp).map_err(|source| DiskError::Thread {
             path: path(),
             source,
         })?;

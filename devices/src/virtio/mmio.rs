@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{GuestLog, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
+use super::{GuestLog, Interrupt, QueueServer, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
 use crate::BusDevice;
 
 /// "virt", little-endian.
@@ -110,6 +110,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.active
     }
 
+    /// What serves this transport's queues on an event loop of the caller's (a disk's own
+    /// thread) in place of the transport itself: it takes only the device's request side, so
+    /// a vCPU reading a register never waits for a request's I/O.
+    pub fn queue_handler(&self) -> io::Result<QueueHandler> {
+        Ok(QueueHandler {
+            server: self.device.queue_server(),
+            queue_evts: self
+                .queue_evts
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<io::Result<_>>()?,
+            activate_evt: self.activate_evt.try_clone()?,
+            interrupt: self.interrupt.clone(),
+            reported_reset: false,
+        })
+    }
+
     fn selected_queue(&self) -> Option<&Queue> {
         self.queues.get(self.queue_sel as usize)
     }
@@ -130,6 +147,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            // A queue the driver broke while the disk's thread served it shows here at once.
+            VIRTIO_MMIO_STATUS if self.active && self.device.needs_reset() => {
+                self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+            }
             VIRTIO_MMIO_STATUS => self.status,
             // No shared memory regions: their length and base read as all ones.
             VIRTIO_MMIO_SHM_LEN_LOW
@@ -465,13 +486,9 @@ impl<D: VirtioDevice> MutEventSubscriber for MmioTransport<D> {
             }
             return;
         }
-        let index = token as usize;
-        let Some(evt) = self.queue_evts.get(index) else {
-            log::warn!("virtio-mmio: event for unknown token {token}");
+        let Some(index) = take_queue_event(&self.queue_evts, token) else {
             return;
         };
-        // Non-blocking: an empty counter (already drained) is not an error worth reporting.
-        let _ = evt.read();
         if self.active {
             self.device.process_queue(index);
             // Spec 2.1.2: set DEVICE_NEEDS_RESET, and with DRIVER_OK set, say so with a
@@ -480,6 +497,75 @@ impl<D: VirtioDevice> MutEventSubscriber for MmioTransport<D> {
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
             }
+        }
+    }
+}
+
+/// The queue a notification event's token names, its eventfd drained; None (logged) for a token
+/// that names none.
+fn take_queue_event(queue_evts: &[EventFd], token: u32) -> Option<usize> {
+    let index = token as usize;
+    let Some(evt) = queue_evts.get(index) else {
+        log::warn!("virtio-mmio: event for unknown token {token}");
+        return None;
+    };
+    // Non-blocking: an empty counter (already drained) is not an error worth reporting.
+    let _ = evt.read();
+    Some(index)
+}
+
+/// Serves a transport's queues apart from it: see `MmioTransport::queue_handler`. Register it
+/// on an event loop instead of the transport.
+pub struct QueueHandler {
+    server: Arc<dyn QueueServer>,
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    interrupt: Arc<Interrupt>,
+    /// Whether the driver has been told (config interrupt) that a queue it broke needs a reset.
+    reported_reset: bool,
+}
+
+impl QueueHandler {
+    fn serve(&mut self, index: usize) {
+        self.server.serve(index);
+        // Spec 2.1.2: DEVICE_NEEDS_RESET (the transport's Status shows it) with a configuration
+        // change notification, once per breakage.
+        let broken = self.server.needs_reset();
+        if broken && !self.reported_reset {
+            self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
+        }
+        self.reported_reset = broken;
+    }
+}
+
+impl MutEventSubscriber for QueueHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE_TOKEN,
+            EventSet::IN,
+        )) {
+            log::error!("virtio-mmio: cannot watch the activation eventfd: {e:?}");
+        }
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                log::error!("virtio-mmio: cannot watch queue {i}'s eventfd: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let token = events.data();
+        if token == ACTIVATE_TOKEN {
+            let _ = self.activate_evt.read();
+            // Notifications before activation found nothing to serve: serve every queue now.
+            for i in 0..self.queue_evts.len() {
+                self.serve(i);
+            }
+            return;
+        }
+        if let Some(index) = take_queue_event(&self.queue_evts, token) {
+            self.serve(index);
         }
     }
 }
@@ -522,7 +608,18 @@ mod tests {
     }
 
     impl Guest {
+        /// The transport serves its queues on the event loop itself.
         fn new() -> Self {
+            Self::with(false)
+        }
+
+        /// As Ember runs a disk: the queue handler serves the queues on the event loop, the
+        /// transport only answers register accesses.
+        fn with_queue_handler() -> Self {
+            Self::with(true)
+        }
+
+        fn with(queue_handler: bool) -> Self {
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
             let image = TempFile::new_with_prefix("/tmp/ember-mmio-test").unwrap();
             let bytes: Vec<u8> = (0..64 * 512).map(|i| (i * 7 % 251) as u8).collect();
@@ -535,7 +632,14 @@ mod tests {
             .unwrap();
             let dev = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block).unwrap()));
             let mut em = EventManager::new().unwrap();
-            em.add_subscriber(dev.clone() as Arc<Mutex<dyn MutEventSubscriber + Send>>);
+            if queue_handler {
+                let handler = dev.lock().unwrap().queue_handler().unwrap();
+                em.add_subscriber(
+                    Arc::new(Mutex::new(handler)) as Arc<Mutex<dyn MutEventSubscriber + Send>>
+                );
+            } else {
+                em.add_subscriber(dev.clone() as Arc<Mutex<dyn MutEventSubscriber + Send>>);
+            }
             Guest {
                 mem,
                 dev,
@@ -677,7 +781,42 @@ mod tests {
 
     #[test]
     fn requests_are_served_on_the_event_loop_and_interrupt() {
-        let mut g = Guest::new();
+        requests_are_served_and_interrupt(Guest::new());
+    }
+
+    #[test]
+    fn the_queue_handler_serves_requests_and_interrupts_without_the_transport() {
+        requests_are_served_and_interrupt(Guest::with_queue_handler());
+    }
+
+    /// A vCPU reading a register while the disk's thread is in the middle of a request (here:
+    /// holds the request side's lock, as a long FLUSH does) gets its answer at once.
+    #[test]
+    fn register_reads_do_not_wait_for_a_request_in_flight() {
+        let mut g = Guest::with_queue_handler();
+        g.init();
+        let server = g.dev.lock().unwrap().device().server_for_tests();
+        let in_flight = server.lock();
+        let dev = g.dev.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            dev.lock()
+                .unwrap()
+                .read(u64::from(VIRTIO_MMIO_INTERRUPT_STATUS), &mut b);
+            dev.lock()
+                .unwrap()
+                .read(u64::from(VIRTIO_MMIO_STATUS), &mut b);
+            let _ = tx.send(u32::from_le_bytes(b));
+        });
+        let status = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a register read waited for the request in flight");
+        assert_ne!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+        drop(in_flight);
+    }
+
+    fn requests_are_served_and_interrupt(mut g: Guest) {
         g.init();
         g.submit_read(3);
         // The vCPU side only forwarded the notification.
@@ -872,7 +1011,15 @@ mod tests {
 
     #[test]
     fn a_queue_the_driver_broke_is_reported_as_needs_reset() {
-        let mut g = Guest::new();
+        broken_queue_is_reported_as_needs_reset(Guest::new());
+    }
+
+    #[test]
+    fn a_queue_broken_under_the_queue_handler_is_reported_as_needs_reset() {
+        broken_queue_is_reported_as_needs_reset(Guest::with_queue_handler());
+    }
+
+    fn broken_queue_is_reported_as_needs_reset(mut g: Guest) {
         g.init();
         // More new entries than the queue holds.
         g.mem

@@ -11,6 +11,7 @@ pub mod block;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::{fmt, io};
 
 use virtio_queue::Queue;
@@ -59,6 +60,19 @@ pub trait VirtioDevice: Send {
     }
     /// Drops the queues and any in-flight state: the device is as it was before activation.
     fn reset(&mut self);
+    /// The device's request side, to serve its queues on a thread of their own without the
+    /// transport (see `MmioTransport::queue_handler`).
+    fn queue_server(&self) -> Arc<dyn QueueServer>;
+}
+
+/// A device's request side: serves a queue the driver notified, taking only the device's own
+/// request state (never the transport's), so register accesses do not wait behind its I/O.
+pub trait QueueServer: Send + Sync {
+    /// The driver notified queue `index`: serve what it made available. Does nothing before
+    /// activation or after a reset.
+    fn serve(&self, index: usize);
+    /// Whether the driver broke a queue and the device waits for a reset.
+    fn needs_reset(&self) -> bool;
 }
 
 /// The device's interrupt line: the ISR bits the guest reads from InterruptStatus, and the irqfd

@@ -1,9 +1,11 @@
 //! The virtio-blk device model: features, config space (spec 5.2.4), and serving the request
-//! queue on the event loop.
+//! queue. The serving side (`BlockServer`) is shared with the disk's own thread and has its own
+//! lock, so that register accesses through the transport never wait for a request's I/O.
 
 use std::io;
 use std::mem::{offset_of, size_of, MaybeUninit};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -22,7 +24,9 @@ use super::request::{
     collect_chain_into, parse_descriptors, DiskLimits, ParseError, Request, RequestKind, Segment,
 };
 use super::DiskConfig;
-use crate::virtio::{ActivateError, GuestLog, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use crate::virtio::{
+    ActivateError, GuestLog, Interrupt, QueueServer, VirtioDevice, VIRTIO_MMIO_INT_VRING,
+};
 
 /// The request queue's size. SEG_MAX leaves room for the header and status descriptors.
 pub const QUEUE_SIZE: u16 = 256;
@@ -36,10 +40,24 @@ const IOV_BATCH: usize = QUEUE_SIZE as usize;
 const MAX_DISCARD_SECTORS: u32 = 1 << 16;
 
 pub struct Block {
-    disk: DiskImage,
     features: u64,
     config: Vec<u8>,
     queue_sizes: [u16; 1],
+    server: Arc<BlockServer>,
+    /// Config-space complaints (register side); requests log through the server's.
+    log: GuestLog,
+}
+
+/// The request side: the image, and the queue once the driver has activated the device.
+pub struct BlockServer {
+    disk: DiskImage,
+    serving: Mutex<Serving>,
+    /// Set when the driver corrupted the queue itself; nothing more is served until a reset.
+    /// Apart from the lock, so that the transport can report it while a request runs.
+    broken: AtomicBool,
+}
+
+pub(crate) struct Serving {
     active: Option<Active>,
     log: GuestLog,
 }
@@ -49,8 +67,6 @@ struct Active {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     limits: DiskLimits,
-    /// Set when the driver corrupted the queue itself; nothing more is served until a reset.
-    broken: bool,
     /// The chain being served, kept to spare an allocation per request.
     descs: Vec<Descriptor>,
 }
@@ -71,21 +87,69 @@ impl Block {
         }
         let config = config_space(&disk);
         Ok(Block {
-            disk,
             features,
             config,
             queue_sizes: [QUEUE_SIZE],
-            active: None,
+            server: Arc::new(BlockServer {
+                disk,
+                serving: Mutex::new(Serving {
+                    active: None,
+                    log: GuestLog::new("virtio-blk"),
+                }),
+                broken: AtomicBool::new(false),
+            }),
             log: GuestLog::new("virtio-blk"),
         })
     }
 
     pub fn disk(&self) -> &DiskImage {
-        &self.disk
+        &self.server.disk
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.server.lock().active.is_some()
+    }
+
+    /// The request side, for tests that stand in for a request in flight.
+    #[cfg(test)]
+    pub(crate) fn server_for_tests(&self) -> Arc<BlockServer> {
+        self.server.clone()
+    }
+}
+
+impl BlockServer {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl QueueServer for BlockServer {
+    fn serve(&self, index: usize) {
+        let mut serving = self.lock();
+        let Serving { active, log } = &mut *serving;
+        let Some(active) = active.as_mut() else {
+            return;
+        };
+        if index != 0 || self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        match serve(&self.disk, active, log) {
+            Ok(true) => active.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) => {
+                // Limited: a guest can break the queue again after every reset.
+                log.warn(format_args!(
+                    "{}: request queue is broken, serving nothing until the driver resets the \
+                     device: {e}",
+                    self.disk.path().display()
+                ));
+                self.broken.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 }
 
@@ -184,56 +248,43 @@ impl VirtioDevice for Block {
                 got: 0,
             });
         };
+        let disk = &self.server.disk;
         let limits = DiskLimits {
-            sectors: self.disk.sectors(),
-            readonly: self.disk.readonly(),
+            sectors: disk.sectors(),
+            readonly: disk.readonly(),
             discard: acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
             write_zeroes: acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
         };
-        self.active = Some(Active {
+        let mut serving = self.server.lock();
+        serving.active = Some(Active {
             mem,
             queue,
             interrupt,
             limits,
-            broken: false,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         });
+        self.server.broken.store(false, Ordering::SeqCst);
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) {
-        let Block {
-            disk, active, log, ..
-        } = self;
-        let Some(active) = active.as_mut() else {
-            return;
-        };
-        if index != 0 || active.broken {
-            return;
-        }
-        match serve(disk, active, log) {
-            Ok(true) => active.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
-            Ok(false) => {}
-            Err(e) => {
-                // Limited: a guest can break the queue again after every reset.
-                log.warn(format_args!(
-                    "{}: request queue is broken, serving nothing until the driver resets the \
-                     device: {e}",
-                    disk.path().display()
-                ));
-                active.broken = true;
-            }
-        }
+        self.server.serve(index);
     }
 
     fn needs_reset(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| a.broken)
+        self.server.needs_reset()
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        // Waits for a request in flight on the disk's thread: none survives the reset.
+        self.server.lock().active = None;
+        self.server.broken.store(false, Ordering::SeqCst);
+    }
+
+    fn queue_server(&self) -> Arc<dyn QueueServer> {
+        self.server.clone()
     }
 }
 
