@@ -14,13 +14,15 @@
 #                             as modules) and `order`, the load order (dependencies first)
 #   rootfs/                   busybox-static root: /bin/busybox, applet symlinks, /etc, empty
 #                             mount points (benchmarks pack it into OCI bundles)
-#   initramfs.cpio            rootfs without its applet links + /init (scripts/kit/init) +
+#   initramfs.cpio            rootfs without its applet links + /init (scripts/kit/ember-init.c,
+#                             static, no libc) + /init.sh (scripts/kit/init.sh) +
 #                             modules, uncompressed newc:
 #                             prints `ember-kit: cpus N`, `ember-kit: memtotal KB`,
 #                             `ember-kit: ready`, mounts /dev/vda at /mnt, shell on the console;
 #                             boots Debian's kernel and Ember's microVM kernel alike
-#   initramfs-reboot.cpio     the same, `reboot -f` right after the ready line
-#   initramfs-poweroff.cpio   the same, `poweroff -f` right after the ready line
+#   initramfs-reboot.cpio     the same without busybox and init.sh (~200 KB): /init reboots right
+#                             after the ready line
+#   initramfs-poweroff.cpio   the same, /init powers off right after the ready line
 #   rootfs.ext4               32 MiB ext4 (mkfs.ext4 -d, no loop mount): hello.txt, hello.sha256
 #   MANIFEST                  kernel package and version, every file with size and sha256
 #
@@ -66,7 +68,7 @@ die() {
     echo "kit: error: $*" >&2
     exit 1
 }
-for tool in apt-get apt-cache dpkg-deb lz4 cpio mkfs.ext4 file sha256sum objcopy; do
+for tool in apt-get apt-cache dpkg-deb lz4 cpio mkfs.ext4 file sha256sum objcopy gcc strip; do
     command -v "$tool" >/dev/null || die "$tool is missing: run scripts/deps.sh"
 done
 [ -x "$BUSYBOX" ] || die "$BUSYBOX is missing: run scripts/deps.sh (busybox-static)"
@@ -198,8 +200,17 @@ make_initramfs() {
     # No applet links: the guest kernel makes each one while unpacking, which took ~10 s of the
     # boot on kvm_pvm; busybox's shell (FEATURE_SH_STANDALONE) runs applets by name without them.
     find "$stage" -type l -delete
-    sed "s/@ACTION@/$1/" "$HERE/kit/init" >"$stage/init"
-    chmod 755 "$stage/init"
+    # /init: a tiny static program (no libc) that gets to the ready line without a fork; the
+    # action is built in, the command line's ember.kit= overrides it.
+    sed "s/@ACTION@/$1/" "$HERE/kit/ember-init.c" >"$TMP/ember-init-$1.c"
+    gcc -Os -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie \
+        -fno-asynchronous-unwind-tables -Wl,--build-id=none -o "$stage/init" "$TMP/ember-init-$1.c"
+    strip "$stage/init"
+    cp "$HERE/kit/init.sh" "$stage/init.sh"
+    chmod 755 "$stage/init" "$stage/init.sh"
+    # reboot and poweroff need nothing after /init: without busybox (2 MB) the kernel has a tenth
+    # as much to unpack (~5 s less on kvm_pvm).
+    case "$1" in reboot | poweroff) rm "$stage/bin/busybox" "$stage/init.sh" ;; esac
     cp "$KIT/modules/order" "$stage/lib/modules/order"
     while read -r m; do cp "$KIT/modules/$m.ko" "$stage/lib/modules/"; done <"$KIT/modules/order"
     # The kernel opens /dev/console before /init runs; only root can make the node (init copes
@@ -219,7 +230,7 @@ build_initramfs() {
     make_initramfs poweroff initramfs-poweroff.cpio
 }
 
-USERSPACE_KEY=$(cat "$BUSYBOX" "$HERE/kit/init" "$0" "$KIT/modules/order" "$KIT"/modules/*.ko |
+USERSPACE_KEY=$(cat "$BUSYBOX" "$HERE/kit/ember-init.c" "$HERE/kit/init.sh" "$0" "$KIT/modules/order" "$KIT"/modules/*.ko |
     sha256sum | cut -d' ' -f1)
 part initramfs "$USERSPACE_KEY" build_initramfs
 
