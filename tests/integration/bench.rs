@@ -73,3 +73,57 @@ fn bench_null_guest_reports_figures_json_and_chart() {
     assert!(s.trim_end().ends_with("</svg>"));
     assert!(s.contains(">ember</text>"), "no ember bar");
 }
+
+/// The floor (`ember-floor`, the least a KVM VMM can do) prints the ready line it is given and
+/// exits 0, and the benchmark reports Ember's start-up as a ratio to it.
+#[test]
+fn the_floor_runs_and_the_report_gives_ember_as_a_ratio_to_it() {
+    common::kvm_kind();
+    let floor = std::path::Path::new(common::ember()).with_file_name("ember-floor");
+    let run = common::run_command(
+        {
+            let mut c = std::process::Command::new(&floor);
+            c.arg("floor: ready");
+            c
+        },
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.ok(), "floor: ready\n");
+
+    let hello = common::guest("hello");
+    let run = run_ember(
+        &[
+            "bench",
+            "--guest",
+            "null",
+            "--null-guest",
+            hello.to_str().unwrap(),
+            "--systems",
+            "floor",
+            "--rounds",
+            "3",
+            "--quiet",
+        ],
+        b"",
+        Duration::from_secs(120),
+    );
+    let out = run.ok();
+    let row = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("floor"))
+        .unwrap_or_else(|| panic!("no floor row:\n{out}"));
+    assert!(row.contains(" 3/3 "), "{row}");
+    let ratio = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("ember / floor (the least a KVM VMM can do on this host): ready ")
+        })
+        .unwrap_or_else(|| panic!("no ember / floor line:\n{out}"));
+    let ready: f64 = ratio
+        .split('x')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{ratio}"));
+    assert!(ready > 0.0, "{ratio}");
+}

@@ -23,6 +23,7 @@ const PHASE_COLORS: [&str; 8] = [
 fn system_color(k: Kind) -> &'static str {
     match k {
         Kind::Ember => "#e8590c",
+        Kind::Floor => "#868e96",
         Kind::Qemu => "#7048e8",
         Kind::Podman => "#1971c2",
         Kind::Docker => "#1c7ed6",

@@ -249,7 +249,7 @@ fn wanted_systems(list: Option<&str>) -> Result<Vec<Kind>, BenchError> {
     for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
         let k = Kind::parse(word).ok_or_else(|| {
             BenchError::Input(format!(
-                "--systems: unknown system `{word}` (ember, crun, runc, podman, docker, qemu)"
+                "--systems: unknown system `{word}` (ember, floor, crun, runc, podman, docker, qemu)"
             ))
         })?;
         if !v.contains(&k) {
@@ -473,6 +473,10 @@ fn run_mode(
     for &kind in wanted {
         if mode == Mode::Banner && !kind.is_vm() {
             // A container has no kernel of its own to boot.
+            continue;
+        }
+        if kind == Kind::Floor && mode != Mode::Null {
+            // The floor runs no kernel: it is the null guest's reference only.
             continue;
         }
         progress.say(&format!("{}: warming up {}", mode.name(), kind.name()));

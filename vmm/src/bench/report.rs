@@ -206,6 +206,15 @@ pub fn text(r: &ModeResult) -> String {
         }
     }
     if r.mode == Mode::Null {
+        let floor = r.systems.iter().find(|s| s.kind == Kind::Floor);
+        if let (Some(e), Some(f)) = (ember, floor) {
+            let _ = writeln!(
+                o,
+                "ember / floor (the least a KVM VMM can do on this host): ready {}, exit {}",
+                ratio(e.ready(), f.ready()),
+                ratio(e.exit(), f.exit())
+            );
+        }
         if let Some(e) = ember {
             let own = r
                 .memory

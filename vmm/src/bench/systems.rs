@@ -14,6 +14,9 @@ use super::BenchError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Ember,
+    /// `ember-floor`: the least a KVM VMM can do (null mode only), the reference Ember's
+    /// start-up is measured against.
+    Floor,
     Crun,
     Runc,
     Podman,
@@ -22,8 +25,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Ember,
+        Kind::Floor,
         Kind::Crun,
         Kind::Runc,
         Kind::Podman,
@@ -34,6 +38,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Ember => "ember",
+            Kind::Floor => "floor",
             Kind::Crun => "crun",
             Kind::Runc => "runc",
             Kind::Podman => "podman",
@@ -306,6 +311,26 @@ pub fn candidate(
     // Only the containers use the bundle; the VMMs are probed without one.
     let no_bundle = || format!("{} needs an OCI bundle", kind.name());
     match kind {
+        Kind::Floor => {
+            let program = ember
+                .parent()
+                .map(|d| d.join("ember-floor"))
+                .filter(|p| is_executable(p))
+                .ok_or(
+                    "ember-floor is not next to the ember binary (cargo build --release builds it)",
+                )?;
+            Ok(System {
+                kind,
+                program,
+                argv: vec![guest.marker.clone()],
+                note: Some(
+                    "the least a KVM VMM can do: a VM, 64 KiB, one vCPU, a few real-mode \
+                     instructions writing the ready line to a port, halt"
+                        .into(),
+                ),
+                cleanup: None,
+            })
+        }
         Kind::Ember => {
             let mut argv = vec![
                 "run".to_string(),
