@@ -9,6 +9,11 @@
  *           the device returned the chain without writing a status), then a valid read.
  *   bench   a disk benchmark with as few guest instructions per byte as possible (on kvm_pvm guest
  *           code is ~1000x slower, the device's copies are not): see mode_bench().
+ *   flood   keeps the queue full of 1 MiB writes, each FLOOD_FLUSH_EVERY-th chain a FLUSH, for
+ *           ever (`blk: flooding` once they are in flight): a guest that keeps its disk busy while
+ *           the host stops Ember. With `blk.flood.reads=N` it also times N reads of the Status
+ *           register meanwhile, as an interrupt handler would make them, and prints `blk: status
+ *           read tsc mean M max X over N` (TSC cycles).
  * Every line starts with `blk: ` (`bench: ` for the benchmark's phase lines); the last is
  * `blk: done`. */
 #include "rt.h"
@@ -594,6 +599,77 @@ static void mode_bench(void)
 	bench_rand(count);
 }
 
+#define FLOOD_CHAINS (QN_MAX / 3)
+#define FLOOD_BYTES (1u << 20)
+#define FLOOD_FLUSH_EVERY 16
+static u8 flood_buf[FLOOD_BYTES] __attribute__((aligned(4096)));
+static struct {
+	u32 type;
+	u32 ioprio;
+	u64 sector;
+} flood_hdr[FLOOD_CHAINS] __attribute__((aligned(16)));
+static u8 flood_status[FLOOD_CHAINS];
+
+static void mode_flood(void)
+{
+	u64 per = FLOOD_BYTES / 512;
+	if (capacity < per * FLOOD_CHAINS)
+		fail("flood needs a disk of at least 85 MiB");
+	for (u32 i = 0; i < FLOOD_CHAINS; i++) {
+		int flush = (features & F_BLK_FLUSH) && i % FLOOD_FLUSH_EVERY == FLOOD_FLUSH_EVERY - 1;
+		flood_hdr[i].type = flush ? T_FLUSH : T_OUT;
+		flood_hdr[i].sector = flush ? 0 : i * per;
+		u16 d = (u16)(3 * i);
+		descs[d] = (struct desc){ (u64)&flood_hdr[i], 16, D_NEXT, (u16)(d + 1) };
+		if (flush) {
+			descs[d].next = (u16)(d + 2);
+		} else {
+			descs[d + 1] = (struct desc){ (u64)flood_buf, FLOOD_BYTES, D_NEXT, (u16)(d + 2) };
+		}
+		descs[d + 2] = (struct desc){ (u64)&flood_status[i], 1, D_WRITE, 0 };
+		avail.ring[avail.idx % qn] = d;
+		barrier();
+		avail.idx++;
+	}
+	barrier();
+	wr(REG_QUEUE_NOTIFY, 0);
+	println("blk: flooding");
+	u64 reads = param_u64("blk.flood.reads=", 0), done = 0, sum = 0, max = 0;
+	/* Each chain the device returns goes straight back in. */
+	for (;;) {
+		if (done < reads) {
+			u64 t0 = rdtsc();
+			(void)rd(REG_STATUS);
+			u64 t = rdtsc() - t0;
+			sum += t;
+			max = t > max ? t : max;
+			if (++done == reads) {
+				puts("blk: status read tsc mean ");
+				put_dec(sum / reads);
+				puts(" max ");
+				put_dec(max);
+				puts(" over ");
+				put_dec(reads);
+				nl();
+			}
+		}
+		int again = 0;
+		while (*(volatile u16 *)&used.idx != last_used) {
+			barrier();
+			u32 id = used.ring[last_used % qn].id;
+			last_used++;
+			avail.ring[avail.idx % qn] = (u16)id;
+			barrier();
+			avail.idx++;
+			again = 1;
+		}
+		if (again) {
+			barrier();
+			wr(REG_QUEUE_NOTIFY, 0);
+		}
+	}
+}
+
 void gmain(void *boot)
 {
 	(void)boot;
@@ -604,7 +680,8 @@ void gmain(void *boot)
 		fail("no virtio_mmio.device= word for this device on the command line");
 	const char *mode = param("blk.mode=");
 	int bench = mode && streq(mode, "bench");
-	if (bench)
+	int flood = mode && streq(mode, "flood");
+	if (bench || flood)
 		qn = QN_MAX;
 	init_device();
 	puts("blk: capacity ");
@@ -617,6 +694,8 @@ void gmain(void *boot)
 
 	if (bench) {
 		mode_bench();
+	} else if (flood) {
+		mode_flood();
 	} else if (mode && streq(mode, "hostile")) {
 		mode_hostile();
 	} else {

@@ -527,7 +527,8 @@ pub struct QueueHandler {
 
 impl QueueHandler {
     fn serve(&mut self, index: usize) {
-        self.server.serve(index);
+        // A turn at a time, letting go of the request side in between.
+        while self.server.serve(index) {}
         // Spec 2.1.2: DEVICE_NEEDS_RESET (the transport's Status shows it) with a configuration
         // change notification, once per breakage.
         let broken = self.server.needs_reset();

@@ -68,9 +68,10 @@ pub trait VirtioDevice: Send {
 /// A device's request side: serves a queue the driver notified, taking only the device's own
 /// request state (never the transport's), so register accesses do not wait behind its I/O.
 pub trait QueueServer: Send + Sync {
-    /// The driver notified queue `index`: serve what it made available. Does nothing before
-    /// activation or after a reset.
-    fn serve(&self, index: usize);
+    /// The driver notified queue `index`: serve one turn of what it made available (a bounded
+    /// number of requests). Returns whether more is waiting: the caller serves another turn.
+    /// Does nothing before activation or after a reset.
+    fn serve(&self, index: usize) -> bool;
     /// Whether the driver broke a queue and the device waits for a reset.
     fn needs_reset(&self) -> bool;
 }

@@ -124,18 +124,22 @@ impl BlockServer {
 }
 
 impl QueueServer for BlockServer {
-    fn serve(&self, index: usize) {
+    fn serve(&self, index: usize) -> bool {
         let mut serving = self.lock();
         let Serving { active, log } = &mut *serving;
         let Some(active) = active.as_mut() else {
-            return;
+            return false;
         };
         if index != 0 || self.broken.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         match serve(&self.disk, active, log) {
-            Ok(true) => active.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
-            Ok(false) => {}
+            Ok(turn) => {
+                if turn.notify {
+                    active.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+                }
+                turn.more
+            }
             Err(e) => {
                 // Limited: a guest can break the queue again after every reset.
                 log.warn(format_args!(
@@ -144,6 +148,7 @@ impl QueueServer for BlockServer {
                     self.disk.path().display()
                 ));
                 self.broken.store(true, Ordering::SeqCst);
+                false
             }
         }
     }
@@ -270,7 +275,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) {
-        self.server.serve(index);
+        while self.server.serve(index) {}
     }
 
     fn needs_reset(&self) -> bool {
@@ -288,13 +293,25 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Serves every available chain. Returns whether the driver wants an interrupt; an error means
+/// Chains served per turn: then the request side's lock is let go (a reset or a register access
+/// that needs it waits for one turn at most) before the next turn.
+const CHAINS_PER_TURN: usize = if cfg!(test) { 4 } else { 32 };
+
+/// What one turn of serving did.
+struct Turn {
+    /// The driver wants an interrupt for what was used.
+    notify: bool,
+    /// Chains are left: serve another turn.
+    more: bool,
+}
+
+/// Serves up to CHAINS_PER_TURN available chains. Returns whether the driver wants an interrupt; an error means
 /// the queue's rings themselves are unusable.
 fn serve(
     disk: &DiskImage,
     active: &mut Active,
     log: &mut GuestLog,
-) -> Result<bool, virtio_queue::Error> {
+) -> Result<Turn, virtio_queue::Error> {
     let Active {
         mem,
         queue,
@@ -303,9 +320,21 @@ fn serve(
         ..
     } = active;
     let mut used_any = false;
-    loop {
+    let mut budget = CHAINS_PER_TURN;
+    let mut more = false;
+    'turn: loop {
         queue.disable_notification(mem)?;
-        while let Some(chain) = queue.iter(&*mem)?.next() {
+        loop {
+            if budget == 0 {
+                // Checked before taking a chain, which `next` would consume. Notifications stay
+                // off: the next turn comes without one (and finds nothing if nothing is left).
+                more = true;
+                break 'turn;
+            }
+            let Some(chain) = queue.iter(&*mem)?.next() else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             if head >= queue.size() {
                 // Nothing to return to the used ring: the driver handed over no descriptor.
@@ -325,17 +354,22 @@ fn serve(
         }
     }
     if !used_any {
-        return Ok(false);
+        return Ok(Turn {
+            notify: false,
+            more,
+        });
     }
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem);
-    }
-    // virtio-queue ignores the driver's VRING_AVAIL_F_NO_INTERRUPT, which it sets while it polls
-    // the used ring (spec 2.7.7.2: the device should not interrupt then).
-    let flags: u16 = mem
-        .read_obj(GuestAddress(queue.avail_ring()))
-        .map_err(virtio_queue::Error::GuestMemory)?;
-    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+    let notify = if queue.event_idx_enabled() {
+        queue.needs_notification(mem)?
+    } else {
+        // virtio-queue ignores the driver's VRING_AVAIL_F_NO_INTERRUPT, which it sets while it
+        // polls the used ring (spec 2.7.7.2: the device should not interrupt then).
+        let flags: u16 = mem
+            .read_obj(GuestAddress(queue.avail_ring()))
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+    };
+    Ok(Turn { notify, more })
 }
 
 /// Parses and executes one chain, writes its status byte, and returns the used length.

@@ -906,3 +906,27 @@ fn inactive_or_reset_device_serves_nothing() {
     // Unknown queue indices are ignored too.
     d.block.process_queue(7);
 }
+
+/// A full queue is served a bounded turn at a time, the request side let go in between (a reset
+/// waits for one turn, not for the whole queue); every request is served in the end.
+#[test]
+fn a_full_queue_is_served_a_bounded_turn_at_a_time() {
+    let mut d = Driver::new(false, None, ALL_FEATURES);
+    d.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    for _ in 0..6 {
+        d.push_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+    }
+    let server = d.block.queue_server();
+    assert!(server.serve(0), "more than a turn's worth was available");
+    let mut served = 0;
+    while d.next_used().is_some() {
+        served += 1;
+    }
+    assert_eq!(served, 4, "one turn");
+    d.block.process_queue(0);
+    while d.next_used().is_some() {
+        served += 1;
+    }
+    assert_eq!(served, 6);
+    assert!(!server.serve(0), "nothing left");
+}
