@@ -601,7 +601,7 @@ static void mode_bench(void)
 
 #define FLOOD_CHAINS (QN_MAX / 3)
 #define FLOOD_BYTES (1u << 20)
-#define FLOOD_FLUSH_EVERY 16
+#define FLOOD_FLUSH_EVERY 4
 static u8 flood_buf[FLOOD_BYTES] __attribute__((aligned(4096)));
 static struct {
 	u32 type;

@@ -768,6 +768,58 @@ fn sighup_stops_the_vm_with_status_129() {
     stopped_by(libc::SIGHUP, 129);
 }
 
+/// A guest that keeps its disk's queue full of 1 MiB writes and flushes (the `blk` guest's flood
+/// mode) while SIGTERM comes: Ember stops at once (its own stop, from its timeline) and exits 143.
+/// With the disk served on the main event loop it never stopped: the guest refilled the queue
+/// faster than the loop got back to the signal (still running after 60 s).
+#[test]
+fn sigterm_stops_a_guest_that_keeps_its_disk_busy() {
+    let blk = common::guest("blk");
+    let disk = write_file("flood.img", &[]);
+    std::fs::File::options()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let spec = format!("path={}", disk.display());
+    let spawned = Instant::now();
+    let mut vm = Running::spawn(&[
+        "run",
+        "--timings=json",
+        "--kernel",
+        blk.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 blk.mode=flood",
+        "--disk",
+        &spec,
+    ]);
+    vm.wait_for("blk: flooding");
+    std::thread::sleep(Duration::from_secs(1));
+    let signalled = spawned.elapsed();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);
+    // The process itself may outlive Ember's stop by a sync of the image in flight.
+    let (code, _, err) = vm.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(143), "{err}");
+    let timeline = err
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no timeline on stderr: {err}"));
+    let guest_exit_us: u64 = timeline
+        .split("\"guest_exit\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{timeline}"));
+    let stop = Duration::from_micros(guest_exit_us).saturating_sub(signalled);
+    assert!(
+        stop < Duration::from_secs(2),
+        "Ember took {stop:?} after SIGTERM to stop its VM: {timeline}"
+    );
+    std::fs::remove_file(&disk).unwrap();
+}
+
 /// Two stop signals back to back (a CI runner's SIGHUP as the job's terminal goes, then its
 /// SIGTERM): the first one decides the status. They were once added up (SIGHUP + SIGTERM = 144).
 #[test]
