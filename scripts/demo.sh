@@ -26,9 +26,9 @@ echo "== a test guest (freestanding, prints a line and resets the machine)"
 
 microvm=${EMBER_MICROVM_KERNEL:-$HOME/.cache/ember/microvm-kernel}
 echo
-echo "== Ember's microVM kernel with the kit's busybox initramfs: ready line, then poweroff"
+echo "== Ember's microVM kernel with the kit's initramfs: ready line, then poweroff"
 if [ "$pvm" = yes ]; then
-  echo "   (this host's /dev/kvm is kvm_pvm: guest kernel code is emulated, so this takes ~30 s;"
+  echo "   (this host's /dev/kvm is kvm_pvm: guest kernel code is emulated, so this takes ~17 s;"
   echo "   Ember adds the kernel words the host needs, EMBER_LOG=info lists them)"
 fi
 "$ember" run --kernel "$microvm/vmlinux" --initramfs "$kit/initramfs-poweroff.cpio" \
