@@ -7,8 +7,9 @@
 #           file I/O, copies into guest memory, used ring). The guest polls the used ring; the
 #           host timestamps its `bench: PHASE start|done` console lines as they arrive, which is
 #           the figure reported (the guest's own RDTSC count is printed alongside as a check).
-#           A freestanding driver, not Linux: on a kvm_pvm host guest code runs ~1000x slower and
-#           Linux never reaches userspace, so the driver keeps guest work per request tiny.
+#           A freestanding driver, not Linux: on a kvm_pvm host guest kernel code is emulated
+#           (~1000x slower), and a Linux guest's block layer would measure that emulation, not the
+#           device; the driver keeps guest work per request tiny.
 #   device  devices/examples/blk_bench.rs: the same requests pushed into Ember's virtio-blk device
 #           model in-process, no KVM: the device model's own cost.
 #   host    the same workloads with pread/pwrite on the file: what the host's page cache gives.
