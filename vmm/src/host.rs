@@ -7,6 +7,7 @@
 //! a word whose key the user's own `--cmdline` already has is left out, so the user's wins.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostKind {
@@ -16,12 +17,17 @@ pub enum HostKind {
 }
 
 impl HostKind {
+    /// Asked of the host once per process; every caller (the warning, the kernel words, the
+    /// CPUID policy, the benchmark) gets the same answer.
     pub fn detect() -> Self {
-        if Path::new("/sys/module/kvm_pvm").exists() {
-            HostKind::Pvm
-        } else {
-            HostKind::HardwareKvm
-        }
+        static KIND: OnceLock<HostKind> = OnceLock::new();
+        *KIND.get_or_init(|| {
+            if Path::new("/sys/module/kvm_pvm").exists() {
+                HostKind::Pvm
+            } else {
+                HostKind::HardwareKvm
+            }
+        })
     }
 }
 

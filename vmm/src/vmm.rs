@@ -335,12 +335,11 @@ fn setup_legacy_devices(
 
 /// The kernel words this host needs that the user's command line does not set already.
 fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<String> {
-    let kind = HostKind::detect();
-    if kind == HostKind::HardwareKvm {
+    if HostKind::detect() == HostKind::HardwareKvm {
         return Vec::new();
     }
     let tsc_khz = vcpu.and_then(|v| v.get_tsc_khz().ok());
-    host::kernel_words(kind, tsc_khz)
+    host::kernel_words(HostKind::Pvm, tsc_khz)
         .into_iter()
         .filter(|w| {
             let theirs = config::has_param(user_cmdline, w.key());
