@@ -310,8 +310,13 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[test]
-fn echo_stdin_reaches_the_guest_line_by_line() {
+/// The echo guest under Ember with piped stdin and stdout: the running Ember (killed if the test
+/// fails), its console lines as they come, and its stdin.
+fn spawn_echo() -> (
+    KillOnDrop,
+    std::sync::mpsc::Receiver<String>,
+    std::process::ChildStdin,
+) {
     common::kvm_kind();
     let kernel = common::guest("echo");
     let mut child = KillOnDrop(
@@ -323,9 +328,15 @@ fn echo_stdin_reaches_the_guest_line_by_line() {
             .spawn()
             .unwrap(),
     );
-    let until = Instant::now() + DEADLINE;
     let rx = line_reader(child.0.stdout.take().unwrap());
-    let mut stdin = child.0.stdin.take().unwrap();
+    let stdin = child.0.stdin.take().unwrap();
+    (child, rx, stdin)
+}
+
+#[test]
+fn echo_stdin_reaches_the_guest_line_by_line() {
+    let (mut child, rx, mut stdin) = spawn_echo();
+    let until = Instant::now() + DEADLINE;
     let mut seen = Vec::new();
 
     // Each line is sent only after the guest has answered the previous one, so the bytes cross
@@ -362,20 +373,8 @@ fn a_string_out_to_the_uart_reaches_the_console_whole() {
 /// the next write.
 #[test]
 fn a_pasted_4k_line_reaches_the_guest_whole_and_at_once() {
-    common::kvm_kind();
-    let kernel = common::guest("echo");
-    let mut child = KillOnDrop(
-        Command::new(common::ember())
-            .args(["run", "--kernel", kernel.to_str().unwrap()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, rx, mut stdin) = spawn_echo();
     let until = Instant::now() + DEADLINE;
-    let rx = line_reader(child.0.stdout.take().unwrap());
-    let mut stdin = child.0.stdin.take().unwrap();
     let mut seen = Vec::new();
     wait_line(&rx, "echo: ready", until, &mut seen);
     let line: String = (0..4096u32)
