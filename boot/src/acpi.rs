@@ -28,7 +28,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{self, MmioDeviceInfo};
+use crate::layout::{self, GuestDevice, MmioDeviceInfo};
 use crate::mptable::MAX_CPUS;
 
 pub const OEM_ID: [u8; 6] = *b"EMBER ";
@@ -78,16 +78,17 @@ fn table_id(suffix: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-fn com1_device() -> Vec<u8> {
-    let port = layout::COM1_PORT;
+fn serial_device(index: usize, port: u16, irq: u32) -> Vec<u8> {
     let io = IO::new(port, port, 1, 8);
-    let irq = Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let irq = Interrupt::new(true, true, false, false, irq);
+    let uid = index as u32;
+    let name = format!("COM{}", index + 1);
     let crs = ResourceTemplate::new(vec![&io, &irq]);
     to_bytes(&Device::new(
-        "COM1".into(),
+        name.as_str().into(),
         vec![
             &Name::new("_HID".into(), &EISAName::new("PNP0501")),
-            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_UID".into(), &uid),
             &Name::new("_CRS".into(), &crs),
         ],
     ))
@@ -95,8 +96,7 @@ fn com1_device() -> Vec<u8> {
 
 /// The pvpanic port, as QEMU describes its ISA pvpanic device: Linux's pvpanic driver binds to
 /// `QEMU0001`.
-fn pvpanic_device() -> Vec<u8> {
-    let port = layout::PVPANIC_PORT;
+fn pvpanic_device(port: u16) -> Vec<u8> {
     let io = IO::new(port, port, 1, 1);
     let crs = ResourceTemplate::new(vec![&io]);
     to_bytes(&Device::new(
@@ -130,11 +130,21 @@ fn virtio_device(index: usize, dev: &MmioDeviceInfo) -> Result<Vec<u8>, AcpiErro
     )))
 }
 
-fn dsdt(virtio_devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, AcpiError> {
-    let mut devices = com1_device();
-    devices.extend(pvpanic_device());
-    for (i, dev) in virtio_devices.iter().enumerate() {
-        devices.extend(virtio_device(i, dev)?);
+fn dsdt(guest_devices: &[GuestDevice]) -> Result<Vec<u8>, AcpiError> {
+    let mut devices = Vec::new();
+    let (mut serials, mut virtio) = (0, 0);
+    for dev in guest_devices {
+        match dev {
+            GuestDevice::Serial { port, irq } => {
+                devices.extend(serial_device(serials, *port, *irq));
+                serials += 1;
+            }
+            GuestDevice::PvPanic { port } => devices.extend(pvpanic_device(*port)),
+            GuestDevice::VirtioMmio(info) => {
+                devices.extend(virtio_device(virtio, info)?);
+                virtio += 1;
+            }
+        }
     }
     let devices = RawAml(devices);
     let sb = Scope::new("\\_SB_".into(), vec![&devices]);
@@ -209,7 +219,7 @@ fn madt(cpus: u8) -> Vec<u8> {
 /// The tables and where each goes, RSDP first.
 pub(crate) fn build_tables(
     cpus: u8,
-    virtio_devices: &[MmioDeviceInfo],
+    devices: &[GuestDevice],
 ) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(cpus));
@@ -220,7 +230,7 @@ pub(crate) fn build_tables(
         next = at + len as u64;
         at
     };
-    let dsdt = dsdt(virtio_devices)?;
+    let dsdt = dsdt(devices)?;
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
@@ -251,9 +261,9 @@ pub(crate) fn build_tables(
 pub fn create_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,
     cpus: u8,
-    virtio_devices: &[MmioDeviceInfo],
+    devices: &[GuestDevice],
 ) -> Result<GuestAddress, AcpiError> {
-    for (addr, bytes) in build_tables(cpus, virtio_devices)? {
+    for (addr, bytes) in build_tables(cpus, devices)? {
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(AcpiError::Write)?;
     }
@@ -303,7 +313,7 @@ mod tests {
     }
 
     /// Writes the tables and finds them again the way a guest does: RSDP -> XSDT -> FADT -> DSDT.
-    fn tables(cpus: u8, devices: &[MmioDeviceInfo]) -> Tables {
+    fn tables(cpus: u8, devices: &[GuestDevice]) -> Tables {
         let mem = guest_memory(128 << 20);
         let rsdp_addr = create_acpi_tables(&mem, cpus, devices).unwrap();
         assert_eq!(rsdp_addr.0, layout::RSDP_START);
@@ -336,10 +346,21 @@ mod tests {
         }
     }
 
-    fn slots(n: u32) -> Vec<MmioDeviceInfo> {
-        (0..n)
-            .map(|i| MmioDeviceInfo::virtio_slot(i).unwrap())
-            .collect()
+    /// COM1, the pvpanic port and `n` virtio devices, as Ember's device manager lists them.
+    fn slots(n: u32) -> Vec<GuestDevice> {
+        let mut devices = vec![
+            GuestDevice::Serial {
+                port: layout::COM1_PORT,
+                irq: layout::COM1_IRQ,
+            },
+            GuestDevice::PvPanic {
+                port: layout::PVPANIC_PORT,
+            },
+        ];
+        devices.extend(
+            (0..n).map(|i| GuestDevice::VirtioMmio(MmioDeviceInfo::virtio_slot(i).unwrap())),
+        );
+        devices
     }
 
     fn count(haystack: &[u8], needle: &[u8]) -> usize {
@@ -411,6 +432,10 @@ mod tests {
             assert_eq!(count(&dsdt, b"_S5_"), 1);
             assert_eq!(count(&dsdt, b"QEMU0001"), 1, "the pvpanic device");
         }
+        // Only what the list names: no devices, no COM1, no pvpanic.
+        let bare = tables(1, &[]).dsdt;
+        assert_eq!(count(&bare, b"QEMU0001") + count(&bare, b"LNRO0005"), 0);
+        assert_eq!(count(&bare, b"COM1"), 0);
     }
 
     #[test]

@@ -584,7 +584,7 @@ mod tests {
             cmdline: "console=ttyS0",
             initrd: None,
             cpus,
-            virtio_devices: &[],
+            devices: &[],
         };
         configure_system(&vm.mem, &kernel, &setup).unwrap();
         kernel

@@ -113,6 +113,19 @@ impl MmioDeviceInfo {
     }
 }
 
+/// A device as the guest's firmware tables describe it. The VMM's device manager lists what it
+/// attached, with the resources its allocator gave out, and the DSDT is written from that list: the
+/// tables describe exactly the devices on the buses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestDevice {
+    /// A 16550 UART (`PNP0501`): eight ports and an IRQ line.
+    Serial { port: u16, irq: u32 },
+    /// The pvpanic port (`QEMU0001`), one byte.
+    PvPanic { port: u16 },
+    /// A virtio-mmio device (`LNRO0005`).
+    VirtioMmio(MmioDeviceInfo),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

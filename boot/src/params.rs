@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::acpi::{create_acpi_tables, AcpiError};
 use crate::kernel::{EntryKind, InitrdInfo, LoadedKernel};
-use crate::layout::{self, MmioDeviceInfo};
+use crate::layout::{self, GuestDevice};
 use crate::mptable::{setup_mptable, MptableError};
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -67,7 +67,8 @@ pub struct BootSetup<'a> {
     pub cmdline: &'a str,
     pub initrd: Option<InitrdInfo>,
     pub cpus: u8,
-    pub virtio_devices: &'a [MmioDeviceInfo],
+    /// The devices the guest's tables describe (the device manager's list).
+    pub devices: &'a [GuestDevice],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
 ) -> Result<(), BootError> {
     write_cmdline(mem, setup.cmdline, kernel.setup_header.as_ref())?;
     setup_mptable(mem, setup.cpus)?;
-    let rsdp = create_acpi_tables(mem, setup.cpus, setup.virtio_devices)?;
+    let rsdp = create_acpi_tables(mem, setup.cpus, setup.devices)?;
     if let Some(initrd) = setup.initrd {
         let end = initrd.addr.0.checked_add(initrd.size);
         if end.is_none_or(|e| e > u64::from(u32::MAX) + 1) {
@@ -362,7 +363,7 @@ mod tests {
             cmdline: CMDLINE,
             initrd,
             cpus: 2,
-            virtio_devices: &[],
+            devices: &[],
         };
         configure_system(mem, kernel, &setup).unwrap();
     }
@@ -439,7 +440,7 @@ mod tests {
             cmdline: &long,
             initrd: None,
             cpus: 1,
-            virtio_devices: &[],
+            devices: &[],
         };
         assert!(matches!(
             configure_system(&mem, &kernel, &setup),

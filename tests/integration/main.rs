@@ -7,6 +7,7 @@ mod bench;
 mod blk;
 mod cli;
 mod console;
+mod control;
 mod guests;
 mod hardening;
 mod kernels;

@@ -20,7 +20,8 @@ pub struct ExitWatcher {
     reset: EventFd,
     poweroff: EventFd,
     panicked: EventFd,
-    signal: EventFd,
+    /// Written by Ember's signal handlers, when the process's signals end the VM.
+    signal: Option<EventFd>,
 }
 
 const DATA_EXIT: u32 = 0;
@@ -35,7 +36,7 @@ impl ExitWatcher {
         reset: EventFd,
         poweroff: EventFd,
         panicked: EventFd,
-        signal: EventFd,
+        signal: Option<EventFd>,
     ) -> Self {
         ExitWatcher {
             ctl,
@@ -49,13 +50,15 @@ impl ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [
-            (&self.ctl.exit_evt, DATA_EXIT),
-            (&self.reset, DATA_RESET),
-            (&self.poweroff, DATA_POWEROFF),
-            (&self.signal, DATA_SIGNAL),
-            (&self.panicked, DATA_PANICKED),
-        ] {
+        let events = [
+            (Some(&self.ctl.exit_evt), DATA_EXIT),
+            (Some(&self.reset), DATA_RESET),
+            (Some(&self.poweroff), DATA_POWEROFF),
+            (self.signal.as_ref(), DATA_SIGNAL),
+            (Some(&self.panicked), DATA_PANICKED),
+        ];
+        for (fd, data) in events {
+            let Some(fd) = fd else { continue };
             if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
                 log::error!("event loop: cannot watch exit event {data}: {e:?}");
             }
@@ -77,7 +80,9 @@ impl MutEventSubscriber for ExitWatcher {
                 self.ctl.request_exit(ExitReason::GuestPanic);
             }
             DATA_SIGNAL => {
-                let _ = self.signal.read();
+                if let Some(signal) = &self.signal {
+                    let _ = signal.read();
+                }
                 if let Some(signo) = crate::signals::first() {
                     self.ctl.request_exit(ExitReason::Signal(signo));
                 }

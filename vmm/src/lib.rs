@@ -4,12 +4,30 @@
 pub mod bench;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod disks;
 pub mod event_loop;
 pub mod host;
 pub mod reaper;
+pub mod resources;
 pub mod seccomp;
 pub mod signals;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;
+
+/// An error and its sources as one line, for the `ember: error: ...` report.
+pub fn error_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        // thiserror messages often already embed their source; do not repeat it.
+        if !line.contains(&s_text) {
+            line.push_str(": ");
+            line.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    line.replace('\n', " ")
+}

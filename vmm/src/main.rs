@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use ember_vmm::config::{self, VmConfig};
+use ember_vmm::error_line;
 use ember_vmm::timeline::{self, Phase};
 use ember_vmm::vcpu::ExitReason;
 
@@ -100,21 +101,6 @@ fn boot_log() -> Option<std::fs::File> {
         .open(&path)
         .map_err(|e| log::warn!("EMBER_BOOT_LOG {}: {e}", PathBuf::from(&path).display()))
         .ok()
-}
-
-fn error_line(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        // thiserror messages often already embed their source; do not repeat it.
-        if !line.contains(&s_text) {
-            line.push_str(": ");
-            line.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    line.replace('\n', " ")
 }
 
 /// The guest kernel reported a panic (pvpanic): a crash, not a reboot.

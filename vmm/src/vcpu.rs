@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub enum ExitReason {
     UserQuit,
     /// Ember was sent this signal.
     Signal(i32),
+    /// The program driving the `Vmm` asked it to stop.
+    Stopped,
     /// A vCPU stopped in a way the guest cannot recover from.
     VcpuFailed(String),
 }
@@ -41,6 +43,24 @@ pub enum VcpuError {
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("cannot start the thread for vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("{parked} of {total} vCPUs stopped within {waited:?}; the VM was left running")]
+    PauseTimeout {
+        parked: usize,
+        total: usize,
+        waited: Duration,
+    },
+}
+
+/// Where the vCPUs stand with a pause: whether one is asked for, and how many vCPU threads have
+/// stopped for it. The threads' pthread ids are kept here, under the same lock, so that a pause
+/// never kicks a thread that has already been joined.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
 }
 
 /// State shared by the vCPU threads and the main thread.
@@ -49,6 +69,10 @@ pub struct VmControl {
     reason: Mutex<Option<ExitReason>>,
     /// Written when `reason` is first set, so the event loop wakes up.
     pub exit_evt: EventFd,
+    pause: Mutex<PauseState>,
+    /// Signalled whenever `pause` changes: a vCPU parks or leaves, a pause is lifted, or the VM
+    /// ends (a parked vCPU must not keep a stop waiting).
+    pause_changed: Condvar,
 }
 
 impl VmControl {
@@ -57,7 +81,97 @@ impl VmControl {
             stop: AtomicBool::new(false),
             reason: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         })
+    }
+
+    fn pause_state(&self) -> MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the running vCPU threads, which a pause kicks out of `KVM_RUN`.
+    fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
+        self.pause_state().threads = threads;
+    }
+
+    /// Forgets the vCPU threads before they are joined.
+    fn clear_vcpu_threads(&self) {
+        self.pause_state().threads.clear();
+        self.pause_changed.notify_all();
+    }
+
+    /// Stops every vCPU outside `KVM_RUN` and returns once all of them are parked. Guest time
+    /// goes on meanwhile (KVM's clock is not stopped), devices finish what is in flight. Fails
+    /// when the VM has no vCPU threads running or they do not all stop within `patience`; the
+    /// pause is then lifted again.
+    pub fn pause(&self, patience: Duration) -> Result<(), VcpuError> {
+        const REKICK: Duration = Duration::from_micros(200);
+        let deadline = Instant::now() + patience;
+        let mut state = self.pause_state();
+        if state.threads.is_empty() || self.stopping() {
+            return Err(VcpuError::NotRunning);
+        }
+        state.requested = true;
+        loop {
+            let total = state.threads.len();
+            if state.parked >= total && total > 0 {
+                return Ok(());
+            }
+            if total == 0 || self.stopping() {
+                state.requested = false;
+                self.pause_changed.notify_all();
+                return Err(VcpuError::NotRunning);
+            }
+            if Instant::now() >= deadline {
+                let parked = state.parked;
+                state.requested = false;
+                self.pause_changed.notify_all();
+                return Err(VcpuError::PauseTimeout {
+                    parked,
+                    total,
+                    waited: patience,
+                });
+            }
+            // A kick can land just before a thread enters KVM_RUN and be lost: repeat it.
+            for &t in &state.threads {
+                // SAFETY: the ids are of threads not yet joined (cleared under this lock first).
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            state = self
+                .pause_changed
+                .wait_timeout(state, REKICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run again; does nothing when none is paused.
+    pub fn resume(&self) {
+        self.pause_state().requested = false;
+        self.pause_changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause_state().requested
+    }
+
+    /// Called by a vCPU thread between runs: parks it while a pause is asked for.
+    fn park_if_paused(&self) {
+        let mut state = self.pause_state();
+        if !state.requested {
+            return;
+        }
+        state.parked += 1;
+        self.pause_changed.notify_all();
+        while state.requested && !self.stopping() {
+            state = self
+                .pause_changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+        self.pause_changed.notify_all();
     }
 
     /// Records why the VM ends; the first reason wins.
@@ -68,6 +182,10 @@ impl VmControl {
             *r = Some(reason);
             self.stop.store(true, Ordering::SeqCst);
             let _ = self.exit_evt.write(1);
+            drop(r);
+            // Parked vCPUs wake and see the stop; taking the lock orders this after any park.
+            drop(self.pause_state());
+            self.pause_changed.notify_all();
         }
     }
 
@@ -78,7 +196,7 @@ impl VmControl {
             .clone()
     }
 
-    fn stopping(&self) -> bool {
+    pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 }
@@ -91,6 +209,17 @@ fn kick_signal() -> i32 {
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(kick_signal(), noop).map_err(VcpuError::SignalHandler)
+}
+
+/// Tells `ctl` which threads run the vCPUs, so that a pause can kick them.
+pub fn register_threads(ctl: &VmControl, threads: &[VcpuThread]) {
+    use std::os::unix::thread::JoinHandleExt;
+    ctl.set_vcpu_threads(threads.iter().map(|t| t.handle.as_pthread_t()).collect());
+}
+
+/// Forgets the vCPU threads (before `VcpuThread::stop` joins them).
+pub fn unregister_threads(ctl: &VmControl) {
+    ctl.clear_vcpu_threads();
 }
 
 pub struct VcpuThread {
@@ -157,6 +286,10 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
     // copied here and handed to the device an item at a time once KVM's exit record can be read.
     let mut string_out = [0u8; 4096];
     while !ctl.stopping() {
+        ctl.park_if_paused();
+        if ctl.stopping() {
+            break;
+        }
         let mut pending_string_out = None;
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) if data.len() > 1 => {

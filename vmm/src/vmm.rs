@@ -9,28 +9,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_boot::kernel::{self, KernelError, LoadedKernel};
-use ember_boot::layout::{self, MmioDeviceInfo};
+use ember_boot::layout;
 use ember_boot::params::{self, BootSetup};
-use ember_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
-use ember_devices::cmos::{Cmos, CMOS_PORT_LEN};
-use ember_devices::i8042::{I8042, I8042_PORT_LEN};
-use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT_LEN};
-use ember_devices::serial::SerialDevice;
-use ember_devices::{Bus, EventFdTrigger, SharedDevice};
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{self, SerialMode, VmConfig};
 use crate::console::{ConsoleOut, OutputDrain, RawTerminal};
+pub use crate::device_manager::Subscriber;
+use crate::device_manager::{DeviceManager, ExitEvents, LegacyDevices};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::host::{self, HostKind};
 use crate::timeline::{self, Phase};
 use crate::vcpu::{self, ExitReason, VcpuThread, VmControl};
-
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -80,6 +74,8 @@ pub enum VmmError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Disk(#[from] crate::disks::DiskError),
+    #[error(transparent)]
+    Device(#[from] crate::device_manager::DeviceError),
     #[error("device set-up: {0}")]
     Devices(String),
     #[error("event loop: {0:?}")]
@@ -265,74 +261,6 @@ const OUTPUT_DRAIN_ON_SIGNAL: Duration = Duration::from_millis(300);
 // The FADT's CENTURY field and the device must name the same CMOS byte.
 const _: () = assert!(layout::CMOS_CENTURY_INDEX == ember_devices::cmos::CMOS_CENTURY);
 
-/// Legacy devices on the port I/O bus; returns the serial (the event loop feeds it input) and the
-/// eventfds that end the VM.
-struct LegacyDevices {
-    serial: Arc<Mutex<SerialDevice>>,
-    reset: EventFd,
-    poweroff: EventFd,
-    panicked: EventFd,
-    output: OutputDrain,
-}
-
-fn setup_legacy_devices(
-    vm: &VmFd,
-    pio: &mut Bus,
-    cfg: &VmConfig,
-    ctl: &Arc<VmControl>,
-) -> Result<LegacyDevices> {
-    let err = |what: &str, e: &dyn std::fmt::Display| VmmError::Devices(format!("{what}: {e}"));
-    let serial_irq = EventFdTrigger::new().map_err(|e| err("serial eventfd", &e))?;
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
-        .map_err(|e| VmmError::KvmSetup("KVM_IRQFD (COM1)", e))?;
-    let (sink, output) = serial_sink(cfg, ctl)?;
-    let serial = Arc::new(Mutex::new(
-        SerialDevice::new(serial_irq, sink).map_err(|e| err("serial", &e))?,
-    ));
-    let reset = EventFdTrigger::new().map_err(|e| err("reset eventfd", &e))?;
-    let poweroff = EventFdTrigger::new().map_err(|e| err("poweroff eventfd", &e))?;
-    let panicked = EventFdTrigger::new().map_err(|e| err("pvpanic eventfd", &e))?;
-    // The event loop watches the same eventfds the devices raise.
-    let reset_watch = EventFd::try_clone(&reset).map_err(|e| err("reset eventfd", &e))?;
-    let poweroff_watch = EventFd::try_clone(&poweroff).map_err(|e| err("poweroff eventfd", &e))?;
-    let panicked_watch = EventFd::try_clone(&panicked).map_err(|e| err("pvpanic eventfd", &e))?;
-
-    let devices: [(u16, u64, SharedDevice); 5] = [
-        (layout::COM1_PORT, 8, serial.clone()),
-        (
-            layout::CMOS_PORT,
-            CMOS_PORT_LEN,
-            Arc::new(Mutex::new(Cmos::new())),
-        ),
-        (
-            layout::I8042_PORT,
-            I8042_PORT_LEN,
-            Arc::new(Mutex::new(I8042::new(reset))),
-        ),
-        (
-            layout::ACPI_SLEEP_CONTROL_PORT,
-            ACPI_PM_PORT_LEN,
-            Arc::new(Mutex::new(AcpiPm::new(poweroff, layout::ACPI_S5_SLP_TYP))),
-        ),
-        (
-            layout::PVPANIC_PORT,
-            PVPANIC_PORT_LEN,
-            Arc::new(Mutex::new(PvPanic::new(panicked))),
-        ),
-    ];
-    for (port, len, dev) in devices {
-        pio.insert(u64::from(port), len, dev)
-            .map_err(|e| err("port I/O bus", &e))?;
-    }
-    Ok(LegacyDevices {
-        serial,
-        reset: reset_watch,
-        poweroff: poweroff_watch,
-        panicked: panicked_watch,
-        output,
-    })
-}
-
 /// The kernel words this host needs that the user's command line does not set already.
 fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<String> {
     if HostKind::detect() == HostKind::HardwareKvm {
@@ -358,158 +286,289 @@ fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<Stri
         .collect()
 }
 
-/// Builds the VM from `cfg` and runs it to the end. Returns why the guest stopped.
-pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
-    let kvm = open_kvm()?;
-    let max_cpus = kvm.get_max_vcpus();
-    if usize::from(cfg.cpus) > max_cpus {
-        return Err(VmmError::TooManyCpus {
-            asked: cfg.cpus,
-            max: max_cpus,
-        });
+/// A microVM: the KVM VM, its guest memory, its devices and its vCPUs, built from a checked
+/// `VmConfig` in boot order. The caller drives it: [`Vmm::run`] serves its devices until the guest
+/// ends (on the calling thread), and a [`VmmController`] taken beforehand pauses, resumes or stops
+/// it from any other thread.
+pub struct Vmm {
+    cfg: VmConfig,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    legacy: LegacyDevices,
+    /// Created and configured, not yet running; emptied by `start`.
+    vcpu_fds: Vec<VcpuFd>,
+    vcpus: Vec<VcpuThread>,
+    ctl: Arc<VmControl>,
+    event_manager: EventManager<Subscriber>,
+    exits: Option<ExitEvents>,
+    signal_evt: Option<EventFd>,
+    output: OutputDrain,
+    terminal: Option<RawTerminal>,
+}
+
+/// Drives a `Vmm` from another thread (an API, a test): pause, resume, stop.
+#[derive(Clone)]
+pub struct VmmController {
+    ctl: Arc<VmControl>,
+}
+
+/// How long a pause waits for every vCPU to leave the guest.
+pub const PAUSE_PATIENCE: Duration = Duration::from_secs(2);
+
+impl VmmController {
+    /// Returns once no vCPU runs guest code; see `VmControl::pause`.
+    pub fn pause(&self) -> std::result::Result<(), vcpu::VcpuError> {
+        self.ctl.pause(PAUSE_PATIENCE)
     }
-    if let Some(host) = host_ram() {
-        if cfg.memory > host {
-            return Err(VmmError::MemoryTooLarge {
-                asked: cfg.memory >> 20,
-                host: host >> 20,
+
+    pub fn resume(&self) {
+        self.ctl.resume();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    /// Ends the VM: `Vmm::run` returns `ExitReason::Stopped` (unless the guest ended first).
+    pub fn stop(&self) {
+        self.ctl.request_exit(ExitReason::Stopped);
+    }
+
+    /// Why the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.ctl.reason()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM from `cfg`, in boot order: check KVM, create the VM, map guest memory, create
+    /// the irqchip, load the kernel, attach the devices, create the vCPUs, write the boot
+    /// structures and tables, configure the vCPUs. Nothing runs yet.
+    pub fn build(cfg: &VmConfig) -> Result<Vmm> {
+        let kvm = open_kvm()?;
+        let max_cpus = kvm.get_max_vcpus();
+        if usize::from(cfg.cpus) > max_cpus {
+            return Err(VmmError::TooManyCpus {
+                asked: cfg.cpus,
+                max: max_cpus,
             });
         }
+        if let Some(host) = host_ram() {
+            if cfg.memory > host {
+                return Err(VmmError::MemoryTooLarge {
+                    asked: cfg.memory >> 20,
+                    host: host >> 20,
+                });
+            }
+        }
+        let vm = create_vm(&kvm)?;
+        timeline::mark(Phase::VmCreated);
+
+        let mem = create_memory(&vm, cfg.memory)?;
+        create_irqchip(&vm)?;
+        timeline::mark(Phase::MemoryMapped);
+
+        let (loaded, initrd) = load_kernel(&mem, cfg)?;
+        timeline::mark(Phase::KernelLoaded);
+
+        let ctl = Arc::new(VmControl::new().map_err(|e| VmmError::Devices(e.to_string()))?);
+        let event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(VmmError::EventLoop)?;
+        let mut devices = DeviceManager::new(cfg.seccomp)?;
+        let (console, output) = serial_sink(cfg, &ctl)?;
+        let (legacy, exits) = devices.attach_legacy(&vm, console)?;
+        crate::disks::attach_disks(&mut devices, &vm, &mem, &cfg.disks, &ctl)?;
+
+        // vCPUs exist before the command line is written: the TSC frequency comes from one.
+        let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.cpus));
+        for id in 0..cfg.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))?;
+            vcpu_fds.push(fd);
+        }
+        let mut words = host_words(&cfg.cmdline, vcpu_fds.first());
+        words.extend(devices.cmdline_words());
+        let cmdline = config::full_cmdline(&cfg.cmdline, &words)?;
+        let setup = BootSetup {
+            mem_size: cfg.memory,
+            cmdline: &cmdline,
+            initrd,
+            cpus: cfg.cpus,
+            devices: devices.guest_devices(),
+        };
+        params::configure_system(&mem, &loaded, &setup).map_err(VmmError::Boot)?;
+
+        let terminal = match cfg.serial {
+            SerialMode::Stdio => RawTerminal::enter().unwrap_or(None),
+            _ => None,
+        };
+        let host_cpu =
+            ember_boot::cpu::HostCpu::query(&kvm).map_err(|e| VmmError::VcpuSetup(0, e))?;
+        let policy = ember_boot::cpu::CpuidPolicy {
+            hypercalls: HostKind::detect() == HostKind::HardwareKvm,
+            tsc_deadline: host_cpu.tsc_deadline,
+        };
+        for (id, fd) in (0..cfg.cpus).zip(&vcpu_fds) {
+            ember_boot::cpu::configure_vcpu(&host_cpu, fd, id, cfg.cpus, &loaded, &mem, policy)
+                .map_err(|e| VmmError::VcpuSetup(id, e))?;
+        }
+        let mut vmm = Vmm {
+            cfg: cfg.clone(),
+            vm,
+            mem,
+            devices,
+            legacy,
+            vcpu_fds,
+            vcpus: Vec::new(),
+            ctl,
+            event_manager,
+            exits: Some(exits),
+            signal_evt: None,
+            output,
+            terminal,
+        };
+        if vmm.cfg.serial == SerialMode::Stdio {
+            let input = ConsoleInput::new(
+                vmm.legacy.serial.clone(),
+                vmm.ctl.clone(),
+                vmm.terminal.is_some(),
+            )
+            .map_err(|e| VmmError::Devices(format!("console: {e}")))?;
+            vmm.event_manager
+                .add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        timeline::mark(Phase::DevicesReady);
+        Ok(vmm)
     }
-    let vm = create_vm(&kvm)?;
-    {
+
+    /// Lets the process's stop signals (SIGINT, SIGTERM, SIGHUP, ...) end the VM with
+    /// `ExitReason::Signal`; the `ember` command wants this, a library caller may not.
+    pub fn watch_signals(&mut self) -> Result<()> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Devices(e.to_string()))?;
+        crate::signals::install(&evt);
+        self.signal_evt = Some(evt);
+        Ok(())
+    }
+
+    /// Hands the VM's teardown to a reaper process so that Ember's exit does not wait for it
+    /// (see `reaper`); for a process that exits when the VM ends.
+    pub fn defer_teardown(&self) {
         use std::os::fd::AsRawFd;
         // Not fatal: without the reaper Ember only exits later.
-        if let Err(e) = crate::reaper::spawn(vm.as_raw_fd(), cfg.seccomp) {
+        if let Err(e) = crate::reaper::spawn(self.vm.as_raw_fd(), self.cfg.seccomp) {
             log::warn!("VM teardown will delay Ember's exit: cannot fork the reaper: {e}");
         }
     }
-    timeline::mark(Phase::VmCreated);
 
-    let mem = create_memory(&vm, cfg.memory)?;
-    create_irqchip(&vm)?;
-    timeline::mark(Phase::MemoryMapped);
-
-    let (loaded, initrd) = load_kernel(&mem, cfg)?;
-    timeline::mark(Phase::KernelLoaded);
-
-    let ctl = Arc::new(VmControl::new().map_err(|e| VmmError::Devices(e.to_string()))?);
-    let mut event_manager: EventManager<Subscriber> =
-        EventManager::new().map_err(VmmError::EventLoop)?;
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let legacy = setup_legacy_devices(&vm, &mut pio, cfg, &ctl)?;
-    let virtio = crate::disks::attach_disks(&vm, &mut mmio, &mem, &cfg.disks, &ctl, cfg.seccomp)?;
-
-    // vCPUs exist before the command line is written: the TSC frequency comes from one.
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
-    for id in 0..cfg.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))?;
-        vcpus.push(fd);
-    }
-    let mut words = host_words(&cfg.cmdline, vcpus.first());
-    words.extend(virtio.iter().map(MmioDeviceInfo::cmdline_word));
-    let cmdline = config::full_cmdline(&cfg.cmdline, &words)?;
-    let setup = BootSetup {
-        mem_size: cfg.memory,
-        cmdline: &cmdline,
-        initrd,
-        cpus: cfg.cpus,
-        virtio_devices: &virtio,
-    };
-    params::configure_system(&mem, &loaded, &setup).map_err(VmmError::Boot)?;
-
-    let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Devices(e.to_string()))?;
-    crate::signals::install(&signal_evt);
-    let watcher = ExitWatcher::new(
-        ctl.clone(),
-        legacy.reset,
-        legacy.poweroff,
-        legacy.panicked,
-        signal_evt,
-    );
-    event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
-
-    let terminal = match cfg.serial {
-        SerialMode::Stdio => RawTerminal::enter().unwrap_or(None),
-        _ => None,
-    };
-    if cfg.serial == SerialMode::Stdio {
-        let input = ConsoleInput::new(legacy.serial.clone(), ctl.clone(), terminal.is_some())
-            .map_err(|e| VmmError::Devices(format!("console: {e}")))?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(input)));
-    }
-
-    let host_cpu = ember_boot::cpu::HostCpu::query(&kvm).map_err(|e| VmmError::VcpuSetup(0, e))?;
-    let policy = ember_boot::cpu::CpuidPolicy {
-        hypercalls: HostKind::detect() == HostKind::HardwareKvm,
-        tsc_deadline: host_cpu.tsc_deadline,
-    };
-    for (id, fd) in (0..cfg.cpus).zip(&vcpus) {
-        ember_boot::cpu::configure_vcpu(&host_cpu, fd, id, cfg.cpus, &loaded, &mem, policy)
-            .map_err(|e| VmmError::VcpuSetup(id, e))?;
-    }
-    timeline::mark(Phase::DevicesReady);
-
-    vcpu::install_kick_handler()?;
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        threads.push(VcpuThread::spawn(
-            id as u8,
-            fd,
-            pio.clone(),
-            mmio.clone(),
-            ctl.clone(),
-            cfg.seccomp,
-        )?);
-    }
-
-    // The main thread's filter goes on before the event loop serves anything the guest controls.
-    let mut seccomp_error = if cfg.seccomp {
-        crate::seccomp::install(crate::seccomp::ThreadKind::Main).err()
-    } else {
-        None
-    };
-    let result = loop {
-        if let Some(e) = seccomp_error.take() {
-            break Err(VmmError::Seccomp(e));
+    pub fn controller(&self) -> VmmController {
+        VmmController {
+            ctl: self.ctl.clone(),
         }
-        if let Some(reason) = ctl.reason() {
-            break Ok(reason);
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Starts the vCPU threads; the guest runs from here.
+    fn start(&mut self) -> Result<()> {
+        vcpu::install_kick_handler()?;
+        for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            self.vcpus.push(VcpuThread::spawn(
+                id as u8,
+                fd,
+                self.devices.pio.clone(),
+                self.devices.mmio.clone(),
+                self.ctl.clone(),
+                self.cfg.seccomp,
+            )?);
         }
-        if let Err(e) = event_manager.run() {
-            break Err(VmmError::EventLoop(e));
-        }
-    };
-    if result.is_err() {
-        ctl.request_exit(ExitReason::VcpuFailed("event loop failed".into()));
+        vcpu::register_threads(&self.ctl, &self.vcpus);
+        Ok(())
     }
-    for t in threads {
-        t.stop(Duration::from_secs(1));
-    }
-    let stopped_by_signal = matches!(result, Ok(ExitReason::Signal(_)));
-    let limit = if stopped_by_signal {
-        OUTPUT_DRAIN_ON_SIGNAL
-    } else {
-        Duration::MAX
-    };
-    let signalled = || crate::signals::first().is_some();
-    if !legacy.output.wait(limit, signalled) {
-        log::info!("console: the guest's last output was not all written (the reader stalled)");
-    }
-    let dropped = legacy.output.dropped();
-    if dropped > 0 {
-        log::warn!(
-            "console: {dropped} bytes of guest output were dropped: the reader did not keep up"
+
+    /// Runs the guest until it resets, powers off or panics, the controller stops it, or (with
+    /// `watch_signals`) a signal or the console escape ends it. Serves the device event loop on
+    /// the calling thread, which with seccomp on gets the main thread's filter first.
+    pub fn run(mut self) -> Result<ExitReason> {
+        let Some(exits) = self.exits.take() else {
+            return Err(VmmError::Devices("the VM has run already".into()));
+        };
+        let watcher = ExitWatcher::new(
+            self.ctl.clone(),
+            exits.reset,
+            exits.poweroff,
+            exits.panicked,
+            self.signal_evt.take(),
         );
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(watcher)));
+        let started = self.start();
+        // The main thread's filter goes on before the event loop serves anything the guest
+        // controls.
+        let mut failure = match started {
+            Err(e) => Some(e),
+            Ok(()) if self.cfg.seccomp => crate::seccomp::install(crate::seccomp::ThreadKind::Main)
+                .err()
+                .map(VmmError::Seccomp),
+            Ok(()) => None,
+        };
+        let result = loop {
+            if let Some(e) = failure.take() {
+                break Err(e);
+            }
+            if let Some(reason) = self.ctl.reason() {
+                break Ok(reason);
+            }
+            if let Err(e) = self.event_manager.run() {
+                break Err(VmmError::EventLoop(e));
+            }
+        };
+        if result.is_err() {
+            self.ctl
+                .request_exit(ExitReason::VcpuFailed("event loop failed".into()));
+        }
+        vcpu::unregister_threads(&self.ctl);
+        for t in std::mem::take(&mut self.vcpus) {
+            t.stop(Duration::from_secs(1));
+        }
+        let stopped_by_signal = matches!(result, Ok(ExitReason::Signal(_)));
+        let limit = if stopped_by_signal {
+            OUTPUT_DRAIN_ON_SIGNAL
+        } else {
+            Duration::MAX
+        };
+        let signalled = || crate::signals::first().is_some();
+        if !self.output.wait(limit, signalled) {
+            log::info!("console: the guest's last output was not all written (the reader stalled)");
+        }
+        let dropped = self.output.dropped();
+        if dropped > 0 {
+            log::warn!(
+                "console: {dropped} bytes of guest output were dropped: the reader did not keep up"
+            );
+        }
+        if let Some(t) = &self.terminal {
+            t.restore();
+        }
+        match result? {
+            ExitReason::VcpuFailed(what) => Err(VmmError::GuestFailed(what)),
+            other => Ok(other),
+        }
     }
-    if let Some(t) = &terminal {
-        t.restore();
-    }
-    match result? {
-        ExitReason::VcpuFailed(what) => Err(VmmError::GuestFailed(what)),
-        other => Ok(other),
-    }
+}
+
+/// What `ember run` does: builds the VM from `cfg` and runs it to the end, ended also by the
+/// process's signals. Returns why the guest stopped.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
+    let mut vmm = Vmm::build(cfg)?;
+    vmm.defer_teardown();
+    vmm.watch_signals()?;
+    vmm.run()
 }

@@ -11,8 +11,10 @@ pub mod block;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::{fmt, io};
+
+use event_manager::MutEventSubscriber;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -63,6 +65,12 @@ pub trait VirtioDevice: Send {
     /// The device's request side, to serve its queues on a thread of their own without the
     /// transport (see `MmioTransport::queue_handler`).
     fn queue_server(&self) -> Arc<dyn QueueServer>;
+    /// Event sources the device serves beside its queues (a TAP, a Unix socket, an I/O
+    /// completion eventfd): the VMM adds each to the event loop of the device's I/O thread,
+    /// where the queue handler runs too. Asked once, when the device is attached.
+    fn io_subscribers(&self) -> Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> {
+        Vec::new()
+    }
 }
 
 /// A device's request side: serves a queue the driver notified, taking only the device's own
