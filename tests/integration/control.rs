@@ -128,3 +128,122 @@ fn tempfile_dir(what: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// One HTTP request on the API socket; returns the status and the body.
+fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("the API socket answers");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("a whole reply");
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn the_api_socket_pauses_and_resumes_a_running_guest() {
+    let dir = tempfile_dir("api");
+    let console = dir.join("console");
+    let sock = dir.join("api.sock");
+    let mut child = std::process::Command::new(common::ember())
+        .args(["run", "--kernel"])
+        .arg(common::guest("counter"))
+        .arg(format!("--serial=file={}", console.display()))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the counter to reach 3", Duration::from_secs(20), || {
+        read(&console).contains(" n=3\n")
+    });
+    let (status, body) = http(&sock, "GET", "/", None);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["app_name"], "Ember");
+    assert_eq!(info["state"], "Running");
+
+    assert_eq!(
+        http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
+        204
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let at_pause = read(&console);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(read(&console), at_pause, "the guest printed while paused");
+    let (_, body) = http(&sock, "GET", "/", None);
+    assert!(body.contains(r#""state":"Paused""#), "{body}");
+
+    // A client that sends half a request and stalls does not keep the API from the next one.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut stalled, b"PATCH /vm HTTP/1.1\r\nContent-Le").unwrap();
+
+    assert_eq!(
+        http(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).0,
+        204
+    );
+    let last = check_counting(&at_pause);
+    let want = format!(" n={}\n", last + 3);
+    wait_for("the count to go on", Duration::from_secs(20), || {
+        read(&console).contains(&want)
+    });
+    check_counting(&read(&console));
+
+    let (status, body) = http(&sock, "PATCH", "/vm", Some(r#"{"state":"Sleeping"}"#));
+    assert_eq!(status, 400);
+    assert!(body.contains("fault_message"), "{body}");
+    assert_eq!(http(&sock, "PUT", "/nothing", Some("{}")).0, 404);
+
+    // SIGTERM ends it as ever; the socket file goes with it.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_deadline(&mut child, Duration::from_secs(5)).expect("Ember exits");
+    assert_eq!(status.code(), Some(143));
+    assert!(!sock.exists(), "the API socket was left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_api_socket_path_in_use_is_one_clear_error() {
+    let dir = tempfile_dir("api-exists");
+    let sock = dir.join("api.sock");
+    std::fs::write(&sock, b"precious").unwrap();
+    let run = common::run_ember(
+        &[
+            "run",
+            "--kernel",
+            common::guest("hello").to_str().unwrap(),
+            "--serial=null",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(20),
+    );
+    let err = run.user_error();
+    assert!(
+        err.contains("--api-sock") && err.contains("exists"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&sock).unwrap(),
+        b"precious",
+        "the file was touched"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

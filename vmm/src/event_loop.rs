@@ -268,3 +268,27 @@ impl MutEventSubscriber for ConsoleInput {
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Reads an eventfd whose only job is to wake the event loop (the API's requests are then taken
+/// from their channel by the loop's owner).
+pub struct Drain {
+    evt: EventFd,
+}
+
+impl Drain {
+    pub fn new(evt: EventFd) -> Self {
+        Drain { evt }
+    }
+}
+
+impl MutEventSubscriber for Drain {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event loop: cannot watch a wake-up eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+    }
+}

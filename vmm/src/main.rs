@@ -62,14 +62,17 @@ struct RunArgs {
     /// System call filters for Ember's threads: on (default) or off (for debugging).
     #[arg(long, value_name = "on|off", default_value = "on")]
     seccomp: String,
+    /// Serve the HTTP API (JSON; pause, resume, state) on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+    fn to_config(&self) -> Result<VmConfig, config::ConfigError> {
         Ok(VmConfig {
-            kernel: self.kernel,
-            initramfs: self.initramfs,
-            cmdline: self.cmdline,
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
             cpus: config::parse_cpus(&self.cpus)?,
             memory: config::parse_memory(&self.memory)?,
             serial: config::parse_serial(&self.serial)?,
@@ -83,7 +86,7 @@ impl RunArgs {
                 .as_deref()
                 .map(config::parse_timings)
                 .transpose()?,
-            ready_marker: self.ready_marker,
+            ready_marker: self.ready_marker.clone(),
             seccomp: config::parse_seccomp(&self.seccomp)?,
         })
     }
@@ -158,7 +161,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let cfg = match args.into_config() {
+            let cfg = match args.to_config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("ember: error: {}", error_line(&e));
@@ -168,7 +171,7 @@ fn main() -> ExitCode {
             timeline::mark(Phase::ArgsParsed);
             // Opened now: the seccomp filters on from the first guest instruction allow no open.
             let boot_log = boot_log();
-            let outcome = ember_vmm::vmm::run(&cfg);
+            let outcome = ember_vmm::vmm::run(&cfg, args.api_sock.as_deref());
             if timeline::get(Phase::GuestExit).is_none() {
                 timeline::mark(Phase::GuestExit);
             }

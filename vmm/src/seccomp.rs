@@ -31,6 +31,11 @@ pub enum ThreadKind {
     Console,
     /// A disk's I/O thread: its event loop (queue notifications), requests on its image.
     Disk,
+    /// The main thread of an Ember serving an API socket: `Main`, plus removing the socket file
+    /// at exit.
+    MainWithApi,
+    /// The API thread: accepts connections on the API socket, reads requests, writes replies.
+    Api,
 }
 
 impl ThreadKind {
@@ -40,6 +45,8 @@ impl ThreadKind {
             ThreadKind::Main => "main (event loop)",
             ThreadKind::Console => "console output",
             ThreadKind::Disk => "disk I/O",
+            ThreadKind::MainWithApi => "main (event loop, API)",
+            ThreadKind::Api => "API",
         }
     }
 }
@@ -96,15 +103,31 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
         // Port and MMIO exits run device code here: serial output goes to its sink (stdout or a
         // file), interrupts and notifications are eventfd writes. Closing the vCPU fd at the end.
         ThreadKind::Vcpu | ThreadKind::Console => {}
-        ThreadKind::Main => calls.extend([
-            // The event loop and its eventfds, stdin.
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
+        ThreadKind::Main | ThreadKind::MainWithApi => {
+            calls.extend([
+                // The event loop and its eventfds, stdin.
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_read,
+                // Stopping the vCPU threads: kick, wait, join.
+                libc::SYS_clock_nanosleep,
+                libc::SYS_nanosleep,
+            ]);
+            if kind == ThreadKind::MainWithApi {
+                // The API socket's file goes when Ember does.
+                calls.extend([libc::SYS_unlink, libc::SYS_unlinkat]);
+            }
+        }
+        ThreadKind::Api => calls.extend([
+            // One connection at a time: accept, its read timeout, requests in, replies out.
+            libc::SYS_accept4,
+            libc::SYS_accept,
+            libc::SYS_setsockopt,
             libc::SYS_read,
-            // Stopping the vCPU threads: kick, wait, join.
-            libc::SYS_clock_nanosleep,
-            libc::SYS_nanosleep,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_writev,
         ]),
         ThreadKind::Disk => calls.extend([
             // Its event loop and the queue eventfds.
@@ -142,9 +165,9 @@ fn conditional_rules(
     let no_exec = || cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
     let ioctl_requests: &[u64] = match kind {
         ThreadKind::Vcpu => &[KVM_RUN],
-        ThreadKind::Console | ThreadKind::Disk => &[],
+        ThreadKind::Console | ThreadKind::Disk | ThreadKind::Api => &[],
         // Restoring the terminal on exit.
-        ThreadKind::Main => &[TCGETS, TCSETS],
+        ThreadKind::Main | ThreadKind::MainWithApi => &[TCGETS, TCSETS],
     };
     let mut rules = vec![
         // The allocator maps memory; nothing in Ember maps code after start-up.

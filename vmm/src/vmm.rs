@@ -84,6 +84,8 @@ pub enum VmmError {
     GuestFailed(String),
     #[error(transparent)]
     Seccomp(crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 type Result<T> = std::result::Result<T, VmmError>;
@@ -305,6 +307,7 @@ pub struct Vmm {
     signal_evt: Option<EventFd>,
     output: OutputDrain,
     terminal: Option<RawTerminal>,
+    api: Option<crate::api::ApiChannel>,
 }
 
 /// Drives a `Vmm` from another thread (an API, a test): pause, resume, stop.
@@ -428,6 +431,7 @@ impl Vmm {
             signal_evt: None,
             output,
             terminal,
+            api: None,
         };
         if vmm.cfg.serial == SerialMode::Stdio {
             let input = ConsoleInput::new(
@@ -459,6 +463,48 @@ impl Vmm {
         // Not fatal: without the reaper Ember only exits later.
         if let Err(e) = crate::reaper::spawn(self.vm.as_raw_fd(), self.cfg.seccomp) {
             log::warn!("VM teardown will delay Ember's exit: cannot fork the reaper: {e}");
+        }
+    }
+
+    /// Answers the API socket's requests (see `api::serve`) while the VM runs; the socket file
+    /// is removed when the VM ends.
+    pub fn attach_api(&mut self, channel: crate::api::ApiChannel) -> Result<()> {
+        let wake = channel
+            .wake
+            .try_clone()
+            .map_err(|e| VmmError::Devices(format!("API wake-up eventfd: {e}")))?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(crate::event_loop::Drain::new(wake))));
+        self.api = Some(channel);
+        Ok(())
+    }
+
+    /// Carries out the API requests waiting, on the thread that runs the VM.
+    fn answer_api(&mut self) {
+        let Some(api) = &self.api else { return };
+        while let Ok(req) = api.requests.try_recv() {
+            let reply = match req.action {
+                crate::api::Action::Describe => crate::api::Reply::ok(crate::api::InstanceInfo {
+                    app_name: "Ember".into(),
+                    id: format!("ember-{}", std::process::id()),
+                    state: if self.ctl.is_paused() {
+                        "Paused"
+                    } else {
+                        "Running"
+                    }
+                    .into(),
+                    vmm_version: env!("CARGO_PKG_VERSION").into(),
+                }),
+                crate::api::Action::Pause => match self.ctl.pause(PAUSE_PATIENCE) {
+                    Ok(()) => crate::api::Reply::no_content(),
+                    Err(e) => crate::api::Reply::fault(500, e.to_string()),
+                },
+                crate::api::Action::Resume => {
+                    self.ctl.resume();
+                    crate::api::Reply::no_content()
+                }
+            };
+            let _ = req.reply.send(reply);
         }
     }
 
@@ -514,9 +560,14 @@ impl Vmm {
         // controls.
         let mut failure = match started {
             Err(e) => Some(e),
-            Ok(()) if self.cfg.seccomp => crate::seccomp::install(crate::seccomp::ThreadKind::Main)
-                .err()
-                .map(VmmError::Seccomp),
+            Ok(()) if self.cfg.seccomp => {
+                let kind = if self.api.is_some() {
+                    crate::seccomp::ThreadKind::MainWithApi
+                } else {
+                    crate::seccomp::ThreadKind::Main
+                };
+                crate::seccomp::install(kind).err().map(VmmError::Seccomp)
+            }
             Ok(()) => None,
         };
         let result = loop {
@@ -529,6 +580,7 @@ impl Vmm {
             if let Err(e) = self.event_manager.run() {
                 break Err(VmmError::EventLoop(e));
             }
+            self.answer_api();
         };
         if result.is_err() {
             self.ctl
@@ -566,9 +618,16 @@ impl Vmm {
 
 /// What `ember run` does: builds the VM from `cfg` and runs it to the end, ended also by the
 /// process's signals. Returns why the guest stopped.
-pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
+pub fn run(cfg: &VmConfig, api_sock: Option<&Path>) -> Result<ExitReason> {
+    // The socket first: a path in use is refused before anything is built.
+    let api = api_sock
+        .map(|path| crate::api::serve(path, cfg.seccomp))
+        .transpose()?;
     let mut vmm = Vmm::build(cfg)?;
     vmm.defer_teardown();
     vmm.watch_signals()?;
+    if let Some(api) = api {
+        vmm.attach_api(api)?;
+    }
     vmm.run()
 }
