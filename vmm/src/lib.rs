@@ -9,6 +9,7 @@ pub mod device_manager;
 pub mod disks;
 pub mod event_loop;
 pub mod host;
+pub mod memory_file;
 pub mod reaper;
 pub mod resources;
 pub mod seccomp;

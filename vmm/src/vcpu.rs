@@ -45,6 +45,14 @@ pub enum VcpuError {
     Spawn(u8, std::io::Error),
     #[error("the VM is not running")]
     NotRunning,
+    #[error("the VM must be paused first")]
+    NotPaused,
+    #[error("{done} of {total} vCPUs did their part within {waited:?}")]
+    JobTimeout {
+        done: usize,
+        total: usize,
+        waited: Duration,
+    },
     #[error("{parked} of {total} vCPUs stopped within {waited:?}; the VM was left running")]
     PauseTimeout {
         parked: usize,
@@ -61,7 +69,14 @@ struct PauseState {
     requested: bool,
     parked: usize,
     threads: Vec<libc::pthread_t>,
+    /// Work for every parked vCPU thread, with its own vCPU (saving or loading its state): the
+    /// job's number, and how many threads have done it.
+    job: Option<(u64, VcpuJob)>,
+    jobs_done: usize,
 }
+
+/// What `VmControl::on_each_parked_vcpu` runs on each vCPU thread: its id and its vCPU.
+pub type VcpuJob = Arc<dyn Fn(u8, &mut VcpuFd) + Send + Sync>;
 
 /// State shared by the vCPU threads and the main thread.
 pub struct VmControl {
@@ -156,15 +171,64 @@ impl VmControl {
         self.pause_state().requested
     }
 
-    /// Called by a vCPU thread between runs: parks it while a pause is asked for.
-    fn park_if_paused(&self) {
+    /// Runs `job` on every vCPU thread, with its vCPU, while the VM is paused; returns once all
+    /// have run it. vCPU ioctls that read or write a vCPU's state belong on its own thread, which
+    /// owns the vCPU and is parked outside `KVM_RUN` meanwhile.
+    pub fn on_each_parked_vcpu(&self, job: VcpuJob, patience: Duration) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + patience;
+        let mut state = self.pause_state();
+        let total = state.threads.len();
+        if !state.requested || state.parked < total || total == 0 {
+            return Err(VcpuError::NotPaused);
+        }
+        let number = state.job.as_ref().map_or(1, |(n, _)| n + 1);
+        state.job = Some((number, job));
+        state.jobs_done = 0;
+        self.pause_changed.notify_all();
+        while state.jobs_done < total {
+            let now = Instant::now();
+            if self.stopping() || now >= deadline {
+                let done = state.jobs_done;
+                state.job = None;
+                return Err(VcpuError::JobTimeout {
+                    done,
+                    total,
+                    waited: patience,
+                });
+            }
+            state = self
+                .pause_changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.job = None;
+        Ok(())
+    }
+
+    /// Called by a vCPU thread between runs: parks it while a pause is asked for, doing the jobs
+    /// posted meanwhile.
+    fn park_if_paused(&self, id: u8, vcpu: &mut VcpuFd) {
         let mut state = self.pause_state();
         if !state.requested {
             return;
         }
         state.parked += 1;
         self.pause_changed.notify_all();
+        let mut last_job = state.job.as_ref().map_or(0, |(n, _)| *n);
         while state.requested && !self.stopping() {
+            if let Some((number, job)) = state.job.as_ref().map(|(n, j)| (*n, j.clone())) {
+                if number != last_job {
+                    last_job = number;
+                    // Without the lock: the other vCPUs do theirs at the same time.
+                    drop(state);
+                    job(id, vcpu);
+                    state = self.pause_state();
+                    state.jobs_done += 1;
+                    self.pause_changed.notify_all();
+                    continue;
+                }
+            }
             state = self
                 .pause_changed
                 .wait(state)
@@ -286,7 +350,7 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
     // copied here and handed to the device an item at a time once KVM's exit record can be read.
     let mut string_out = [0u8; 4096];
     while !ctl.stopping() {
-        ctl.park_if_paused();
+        ctl.park_if_paused(id, &mut vcpu);
         if ctl.stopping() {
             break;
         }
