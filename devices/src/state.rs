@@ -172,6 +172,32 @@ mod tests {
         assert!(from_versioned_bytes::<Sample>(&[]).is_err());
     }
 
+    /// Every prefix of a real device state, and bytes of another state, fail to decode.
+    fn refuses_truncated_and_foreign<T: Serialize + DeserializeOwned>(state: &T) {
+        let bytes = to_bytes(state).unwrap();
+        for len in 0..bytes.len() {
+            assert!(from_bytes::<T>(&bytes[..len]).is_err(), "{len} bytes");
+        }
+        let mut longer = bytes;
+        longer.extend_from_slice(&[0xff; 3]);
+        assert!(from_bytes::<T>(&longer).is_err());
+    }
+
+    #[test]
+    fn legacy_device_states_refuse_truncated_or_extended_bytes() {
+        use crate::trigger::EventFdTrigger;
+        let serial = crate::serial::SerialDevice::new(
+            EventFdTrigger::new().unwrap(),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        refuses_truncated_and_foreign(&serial.save().unwrap());
+        refuses_truncated_and_foreign(&crate::cmos::Cmos::new().save().unwrap());
+        let pm = crate::acpi_pm::AcpiPm::new(EventFdTrigger::new().unwrap(), 5);
+        refuses_truncated_and_foreign(&pm.save().unwrap());
+        refuses_truncated_and_foreign(&NoState {});
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         // A length prefix far past the end, and bytes that are no varint at all.
