@@ -13,3 +13,4 @@ pub mod signals;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;
+pub mod vstate;
