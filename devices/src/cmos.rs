@@ -10,7 +10,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::state::Persist;
 
 /// Ports 0x70-0x71.
 pub const CMOS_PORT_LEN: u64 = 2;
@@ -87,9 +90,20 @@ impl DateTime {
 /// Where the device reads the time: the host's clock, or a fixed one in tests.
 pub type Clock = Box<dyn Fn() -> u64 + Send>;
 
+/// The host's wall-clock time in seconds since the epoch (0 if the host clock is before it).
+pub fn host_clock() -> Clock {
+    Box::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+const RAM_LEN: usize = 128;
+
 pub struct Cmos {
     index: u8,
-    ram: [u8; 128],
+    ram: [u8; RAM_LEN],
     clock: Clock,
 }
 
@@ -102,15 +116,11 @@ impl Default for Cmos {
 impl Cmos {
     /// A CMOS clock that reads the host's wall-clock time.
     pub fn new() -> Self {
-        Self::with_clock(Box::new(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        }))
+        Self::with_clock(host_clock())
     }
 
     pub fn with_clock(clock: Clock) -> Self {
-        let mut ram = [0u8; 128];
+        let mut ram = [0u8; RAM_LEN];
         ram[usize::from(STATUS_A)] = STATUS_A_DEFAULT;
         ram[usize::from(STATUS_B)] = STATUS_B_24H;
         ram[usize::from(STATUS_D)] = STATUS_D_VALID;
@@ -180,6 +190,69 @@ impl Cmos {
             STATUS_C | STATUS_D => {}
             _ => self.ram[usize::from(reg)] = value,
         }
+    }
+}
+
+/// The index register and the CMOS RAM, status registers included. The time is not state: the
+/// clock registers read the host's time whenever the guest asks, before and after a restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    /// All 128 bytes; the bytes of the time registers are unused (always zero).
+    pub ram: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmosError {
+    #[error("saved CMOS RAM has {0} bytes, not {RAM_LEN}")]
+    RamSize(usize),
+    #[error("saved CMOS index {0:#x} is past the {RAM_LEN} bytes of RAM")]
+    Index(u8),
+    #[error("saved CMOS status register {register} is {value:#x}, which this RTC never holds")]
+    Status { register: char, value: u8 },
+}
+
+impl Persist for Cmos {
+    type State = CmosState;
+    /// The clock [`Cmos::with_clock`] takes ([`host_clock`] for a VM).
+    type Args = Clock;
+    type Error = CmosError;
+
+    fn save(&self) -> Result<CmosState, CmosError> {
+        Ok(CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        })
+    }
+
+    fn restore(clock: Clock, state: &CmosState) -> Result<Self, CmosError> {
+        let ram: [u8; RAM_LEN] = state
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| CmosError::RamSize(state.ram.len()))?;
+        // Registers are read at `index` without a further check.
+        if state.index & !INDEX_MASK != 0 {
+            return Err(CmosError::Index(state.index));
+        }
+        // What the register writes can leave there, and nothing else: no update ever in
+        // progress, no interrupt flags, a valid battery.
+        let status = |register, reg: u8, ok: &dyn Fn(u8) -> bool| {
+            let value = ram[usize::from(reg)];
+            if ok(value) {
+                Ok(())
+            } else {
+                Err(CmosError::Status { register, value })
+            }
+        };
+        status('A', STATUS_A, &|v| v & 0xf0 == STATUS_A_DEFAULT & 0x70)?;
+        status('C', STATUS_C, &|v| v == 0)?;
+        status('D', STATUS_D, &|v| v == STATUS_D_VALID)?;
+        Ok(Cmos {
+            index: state.index,
+            ram,
+            clock,
+        })
     }
 }
 
@@ -289,6 +362,64 @@ mod tests {
         dev.write(0, &[STATUS_A]);
         dev.write(1, &[0xff]);
         assert_eq!(read(&mut dev, STATUS_A) & 0x80, 0);
+    }
+
+    #[test]
+    fn state_round_trips_and_the_clock_stays_the_host_s() {
+        use crate::state::{from_bytes, to_bytes};
+        let mut dev = fixed();
+        dev.write(0, &[STATUS_B]);
+        dev.write(1, &[STATUS_B_BINARY | STATUS_B_24H]);
+        dev.write(0, &[STATUS_A]);
+        dev.write(1, &[0x0a]);
+        dev.write(0, &[0x40]);
+        dev.write(1, &[0xa5]);
+        // The index stays where the guest left it: at a RAM byte, with the NMI mask bit set.
+        dev.write(0, &[0x80 | 0x41]);
+        dev.write(1, &[0x3c]);
+
+        let saved = to_bytes(&dev.save().unwrap()).unwrap();
+        let later = Box::new(|| T + 3600);
+        let mut restored = Cmos::restore(later, &from_bytes(&saved).unwrap()).unwrap();
+        assert_eq!(to_bytes(&restored.save().unwrap()).unwrap(), saved);
+        let mut b = [0u8];
+        restored.read(1, &mut b);
+        assert_eq!(b[0], 0x3c, "reads at the restored index");
+        assert_eq!(read(&mut restored, 0x40), 0xa5);
+        assert_eq!(read(&mut restored, STATUS_A), 0x2a);
+        assert_eq!(
+            read(&mut restored, HOURS),
+            8,
+            "binary, and the new clock's hour"
+        );
+    }
+
+    #[test]
+    fn impossible_saved_states_are_refused() {
+        let good = fixed().save().unwrap();
+        let restore = |state: &CmosState| Cmos::restore(Box::new(|| T), state).err();
+        assert_eq!(restore(&good), None);
+        let mut s = good.clone();
+        s.ram.pop();
+        assert_eq!(restore(&s), Some(CmosError::RamSize(127)));
+        let mut s = good.clone();
+        s.index = 0x80;
+        assert_eq!(restore(&s), Some(CmosError::Index(0x80)));
+        for (reg, value, name) in [
+            (STATUS_A, 0xa6, 'A'),
+            (STATUS_C, 0x80, 'C'),
+            (STATUS_D, 0, 'D'),
+        ] {
+            let mut s = good.clone();
+            s.ram[usize::from(reg)] = value;
+            assert_eq!(
+                restore(&s),
+                Some(CmosError::Status {
+                    register: name,
+                    value
+                })
+            );
+        }
     }
 
     #[test]

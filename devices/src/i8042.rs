@@ -2,9 +2,12 @@
 //! (0xFE to port 0x64), which Linux sends on `reboot` with `reboot=k`. vm-superio decodes it and
 //! raises the reset eventfd; the VMM ends the VM.
 
+use std::convert::Infallible;
+
 use vm_superio::I8042Device;
 
 use crate::bus::BusDevice;
+use crate::state::{NoState, Persist};
 use crate::trigger::EventFdTrigger;
 
 /// Covers ports 0x60 (data) to 0x64 (command); 0x61-0x63 read as zero.
@@ -15,6 +18,24 @@ pub struct I8042(I8042Device<EventFdTrigger>);
 impl I8042 {
     pub fn new(reset: EventFdTrigger) -> Self {
         I8042(I8042Device::new(reset))
+    }
+}
+
+/// vm-superio's i8042 keeps no register state (every read is zero; only the reset command acts).
+pub type I8042State = NoState;
+
+impl Persist for I8042 {
+    type State = I8042State;
+    /// The reset event [`I8042::new`] takes.
+    type Args = EventFdTrigger;
+    type Error = Infallible;
+
+    fn save(&self) -> Result<I8042State, Infallible> {
+        Ok(NoState {})
+    }
+
+    fn restore(reset: EventFdTrigger, _state: &I8042State) -> Result<Self, Infallible> {
+        Ok(I8042::new(reset))
     }
 }
 
@@ -48,6 +69,20 @@ mod tests {
         dev.write(4, &[0xfe, 0xfe]);
         assert!(evt.read().is_err(), "no reset yet");
         dev.write(4, &[0xfe]);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_restored_device_resets_through_its_new_event() {
+        use crate::state::{from_bytes, to_bytes};
+        let mut dev = I8042::new(EventFdTrigger::new().unwrap());
+        dev.write(4, &[0xaa]);
+        let saved = to_bytes(&dev.save().unwrap()).unwrap();
+        let evt = EventFdTrigger::new().unwrap();
+        let mut restored =
+            I8042::restore(evt.try_clone().unwrap(), &from_bytes(&saved).unwrap()).unwrap();
+        assert_eq!(to_bytes(&restored.save().unwrap()).unwrap(), saved);
+        restored.write(4, &[0xfe]);
         assert_eq!(evt.read().unwrap(), 1);
     }
 }

@@ -8,10 +8,12 @@ mod guest_log;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
+pub mod state;
 pub mod trigger;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, SharedDevice};
+pub use state::{Persist, StateError, STATE_FORMAT_VERSION};
 pub use trigger::EventFdTrigger;
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! "crash loaded" (a kdump kernel takes over). The DSDT describes it as `QEMU0001`, which Linux's
 //! pvpanic driver binds to.
 
+use std::convert::Infallible;
+
 use crate::bus::BusDevice;
+use crate::state::{NoState, Persist};
 use crate::trigger::EventFdTrigger;
 
 pub const PVPANIC_PANICKED: u8 = 1 << 0;
@@ -19,6 +22,24 @@ pub struct PvPanic {
 impl PvPanic {
     pub fn new(panicked: EventFdTrigger) -> Self {
         PvPanic { panicked }
+    }
+}
+
+/// The port keeps nothing between accesses: reads always return the supported events.
+pub type PvPanicState = NoState;
+
+impl Persist for PvPanic {
+    type State = PvPanicState;
+    /// The panic event [`PvPanic::new`] takes.
+    type Args = EventFdTrigger;
+    type Error = Infallible;
+
+    fn save(&self) -> Result<PvPanicState, Infallible> {
+        Ok(NoState {})
+    }
+
+    fn restore(panicked: EventFdTrigger, _state: &PvPanicState) -> Result<Self, Infallible> {
+        Ok(PvPanic::new(panicked))
     }
 }
 
@@ -65,5 +86,21 @@ mod tests {
         let mut wide = [0xaau8; 4];
         dev.read(0, &mut wide);
         assert_eq!(wide, [3, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_restored_device_reports_panics_on_its_new_event() {
+        let saved =
+            crate::state::to_bytes(&PvPanic::new(EventFdTrigger::new().unwrap()).save().unwrap())
+                .unwrap();
+        let evt = EventFdTrigger::new().unwrap();
+        let mut dev = PvPanic::restore(
+            evt.try_clone().unwrap(),
+            &crate::state::from_bytes(&saved).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(crate::state::to_bytes(&dev.save().unwrap()).unwrap(), saved);
+        dev.write(0, &[PVPANIC_PANICKED]);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 }

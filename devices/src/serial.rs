@@ -7,13 +7,18 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState as UartState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
 use crate::guest_log::GuestLog;
+use crate::state::Persist;
 use crate::trigger::EventFdTrigger;
+
+/// The 16550A's receive FIFO, as vm-superio sizes it.
+pub const SERIAL_FIFO_SIZE: usize = 64;
 
 /// Raised when the guest has read every byte of input: the event loop may read more.
 pub struct FifoEvents {
@@ -31,6 +36,14 @@ impl SerialEvents for FifoEvents {
     }
 }
 
+impl FifoEvents {
+    fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(FifoEvents {
+            drained: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+}
+
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, Arc<FifoEvents>, Box<dyn Write + Send>>,
     events: Arc<FifoEvents>,
@@ -40,9 +53,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// `interrupt` is registered by the VMM as the irqfd of COM1's IRQ line.
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
-        let events = Arc::new(FifoEvents {
-            drained: EventFd::new(EFD_NONBLOCK)?,
-        });
+        let events = FifoEvents::new()?;
         Ok(SerialDevice {
             uart: Serial::with_events(interrupt, events.clone(), out),
             events,
@@ -69,6 +80,73 @@ impl SerialDevice {
         self.uart
             .enqueue_raw_bytes(&input[..room])
             .map_err(|e| io::Error::other(format!("serial input: {e:?}")))
+    }
+}
+
+/// The UART's registers and the input the guest has not read yet (vm-superio's own state
+/// struct). Output has no state: each byte goes to the sink as the guest writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState(#[serde(with = "UartStateDef")] pub UartState);
+
+/// vm-superio's state struct has no serde derives: this is its field list for serde's remote
+/// derive, which checks that the fields match.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "UartState")]
+struct UartStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    /// Received bytes, oldest first (at most [`SERIAL_FIFO_SIZE`]).
+    in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot create the serial's input-drained eventfd: {0}")]
+    Eventfd(io::Error),
+    #[error("saved serial input of {len} bytes does not fit the {SERIAL_FIFO_SIZE}-byte FIFO")]
+    FifoOverflow { len: usize },
+    #[error("cannot raise the restored serial's pending interrupt: {0}")]
+    Interrupt(io::Error),
+}
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    /// The same interrupt and output sink [`SerialDevice::new`] takes.
+    type Args = (EventFdTrigger, Box<dyn Write + Send>);
+    type Error = SerialError;
+
+    fn save(&self) -> Result<SerialState, SerialError> {
+        Ok(SerialState(self.uart.state()))
+    }
+
+    fn restore((interrupt, out): Self::Args, state: &SerialState) -> Result<Self, SerialError> {
+        // vm-superio checks this too, but its error does not say how much there was.
+        let len = state.0.in_buffer.len();
+        if len > SERIAL_FIFO_SIZE {
+            return Err(SerialError::FifoOverflow { len });
+        }
+        let events = FifoEvents::new().map_err(SerialError::Eventfd)?;
+        // An interrupt that was pending (data or transmit-empty, enabled) is raised again: the
+        // irqfd is edge-triggered, so without it a guest waiting for that interrupt would wait on.
+        let uart =
+            Serial::from_state(&state.0, interrupt, events.clone(), out).map_err(|e| match e {
+                vm_superio::serial::Error::Trigger(e) => SerialError::Interrupt(e),
+                // from_state writes nothing to the sink; the variant exists all the same.
+                vm_superio::serial::Error::IOError(e) => SerialError::Interrupt(e),
+                vm_superio::serial::Error::FullFifo => SerialError::FifoOverflow { len },
+            })?;
+        Ok(SerialDevice {
+            uart,
+            events,
+            log: GuestLog::new("serial"),
+        })
     }
 }
 
@@ -168,6 +246,68 @@ mod tests {
         assert_eq!(wide, [0xff; 4]);
         dev.write(0, &[1, 2, 3, 4]);
         dev.write(u64::MAX, &[1]);
+    }
+
+    /// Registers set through the port interface and input waiting: the restored UART must
+    /// export the same bytes, hand the guest the rest of its input, and raise the interrupt that
+    /// was pending.
+    #[test]
+    fn state_round_trips_through_a_fresh_device() {
+        use crate::state::{from_bytes, to_bytes};
+        let mut dev =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        // DLAB on, divisor 0x0c01, then 7 data bits, 2 stop bits, no DLAB.
+        dev.write(3, &[0x80]);
+        dev.write(0, &[0x01]);
+        dev.write(1, &[0x0c]);
+        dev.write(3, &[0x06]);
+        dev.write(1, &[0x01]); // received-data interrupt
+        dev.write(4, &[0x0b]); // DTR, RTS, OUT2
+        dev.write(7, &[0x5a]); // scratch
+                               // Read one byte of a first input, then more input raises the data interrupt again.
+        assert_eq!(dev.enqueue_input(b"w").unwrap(), 1);
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'w');
+        assert_eq!(dev.enqueue_input(b"yz").unwrap(), 2);
+
+        let saved = to_bytes(&dev.save().unwrap()).unwrap();
+        let state: SerialState = from_bytes(&saved).unwrap();
+        assert_eq!(state.0.in_buffer, b"yz");
+        let irq = EventFdTrigger::new().unwrap();
+        let sink = Sink::default();
+        let mut restored =
+            SerialDevice::restore((irq.try_clone().unwrap(), Box::new(sink.clone())), &state)
+                .unwrap();
+        assert_eq!(to_bytes(&restored.save().unwrap()).unwrap(), saved);
+        assert_eq!(irq.read().unwrap(), 1, "the pending data interrupt again");
+        for (reg, want) in [(7, 0x5a), (4, 0x0b), (3, 0x06)] {
+            restored.read(reg, &mut b);
+            assert_eq!(b[0], want, "register {reg}");
+        }
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'y');
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'z');
+        restored.write(0, b"!");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+    }
+
+    #[test]
+    fn a_saved_fifo_larger_than_the_uart_is_refused() {
+        let dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        let mut state = dev.save().unwrap();
+        state.0.in_buffer = vec![b'x'; SERIAL_FIFO_SIZE + 1];
+        let err = SerialDevice::restore(
+            (EventFdTrigger::new().unwrap(), Box::new(io::sink())),
+            &state,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, SerialError::FifoOverflow { len: 65 }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod signals;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;
+pub mod vstate;
 
 /// An error and its sources as one line, for the `ember: error: ...` report.
 pub fn error_line(err: &dyn std::error::Error) -> String {

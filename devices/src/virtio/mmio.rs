@@ -12,17 +12,19 @@ use std::io;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{GuestLog, Interrupt, QueueServer, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
+use crate::state::{Persist, StateError};
 use crate::BusDevice;
 
 /// "virt", little-endian.
@@ -36,6 +38,12 @@ const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 /// Event-loop token of the activate eventfd; queue eventfds use their index.
 const ACTIVATE_TOKEN: u32 = u32::MAX;
 const LOW_HALF: u64 = 0xffff_ffff;
+/// Each step of driver initialization needs the one before it (spec 3.1.1): (bit, prerequisite).
+const STATUS_STEPS: [(u32, u32); 3] = [
+    (VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE),
+    (VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER),
+    (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK),
+];
 
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
@@ -312,13 +320,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 new &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
-        // Each step of driver initialization needs the ones before it (spec 3.1.1).
-        let needs = [
-            (VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE),
-            (VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER),
-            (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK),
-        ];
-        for (bit, prerequisite) in needs {
+        for (bit, prerequisite) in STATUS_STEPS {
             if added & bit != 0 && new & prerequisite == 0 {
                 self.log.warn(format_args!(
                     "status bit {bit:#x} set before {prerequisite:#x}; ignored"
@@ -422,6 +424,201 @@ impl<D: VirtioDevice> MmioTransport<D> {
             q.reset();
         }
         self.interrupt.clear();
+    }
+}
+
+/// One queue's configuration and ring positions (virtio-queue's own state struct).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtqueueState(#[serde(with = "QueueStateDef")] pub QueueState);
+
+/// virtio-queue's state struct has no serde derives: this is its field list for serde's remote
+/// derive, which checks that the fields match.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// Everything the driver has set up through the registers, and the device's own state. The
+/// config generation is not here: the config space never changes, so it always reads 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// `VIRTIO_ID_*` of the device below: the VMM picks the device kind to rebuild by it.
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    /// Whether the device was serving its queues (DRIVER_OK accepted).
+    pub active: bool,
+    /// InterruptStatus bits the driver had not acknowledged.
+    pub interrupt_status: u32,
+    /// Once active, as the device served them: the ring positions are the device's.
+    pub queues: Vec<VirtqueueState>,
+    /// The device's own state ([`VirtioDevice::save_device_state`]).
+    pub device: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioStateError {
+    #[error("cannot save the virtio device's state: {0}")]
+    Device(#[source] StateError),
+    #[error("the active device reported {got} queues, the transport has {expected}")]
+    DeviceQueues { expected: usize, got: usize },
+    #[error("saved state is for virtio device type {saved}, the device given is type {device}")]
+    DeviceType { saved: u32, device: u32 },
+    #[error("saved state has {saved} queues, the device has {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("saved queue {index} has maximum size {saved}, the device's is {device}")]
+    QueueMaxSize {
+        index: usize,
+        saved: u16,
+        device: u16,
+    },
+    #[error("saved queue {index} is not valid: {source}")]
+    Queue {
+        index: usize,
+        source: virtio_queue::Error,
+    },
+    #[error("saved status {status:#x} is not one the transport can be in ({reason})")]
+    Status { status: u32, reason: &'static str },
+    #[error("cannot create the restored transport: {0}")]
+    Create(#[source] io::Error),
+    #[error("cannot start the restored device again: {0}")]
+    Activate(String),
+}
+
+/// Every status bit the transport keeps.
+const STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+    | VIRTIO_CONFIG_S_NEEDS_RESET
+    | VIRTIO_CONFIG_S_FAILED;
+
+impl MmioState {
+    /// What `set_status` and activation can leave, and nothing else.
+    fn check_status(&self, offered: u64) -> Result<(), MmioStateError> {
+        let status = self.status;
+        let bad = |reason| Err(MmioStateError::Status { status, reason });
+        if status & !STATUS_BITS != 0 {
+            return bad("unknown bits");
+        }
+        if STATUS_STEPS
+            .iter()
+            .any(|&(bit, prerequisite)| status & bit != 0 && status & prerequisite == 0)
+        {
+            return bad("a step without the one before it");
+        }
+        if status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.driver_features & !offered != 0 {
+            return bad("accepted features the device does not offer");
+        }
+        if self.active && status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+            return bad("active without DRIVER_OK");
+        }
+        Ok(())
+    }
+}
+
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    /// What [`MmioTransport::new`] takes; the device already rebuilt from [`MmioState::device`].
+    type Args = (GuestMemoryMmap, D);
+    type Error = MmioStateError;
+
+    fn save(&self) -> Result<MmioState, MmioStateError> {
+        let queues = if self.active {
+            let live = self.device.queue_states().ok_or(MmioStateError::Device(
+                StateError::Unsupported {
+                    what: "virtio device",
+                    reason: "it cannot report the queues it serves",
+                },
+            ))?;
+            if live.len() != self.queues.len() {
+                return Err(MmioStateError::DeviceQueues {
+                    expected: self.queues.len(),
+                    got: live.len(),
+                });
+            }
+            live
+        } else {
+            self.queues.iter().map(Queue::state).collect()
+        };
+        Ok(MmioState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            queues: queues.into_iter().map(VirtqueueState).collect(),
+            device: self
+                .device
+                .save_device_state()
+                .map_err(MmioStateError::Device)?,
+        })
+    }
+
+    /// An active device is started again over the saved queues, as DRIVER_OK started it, with
+    /// no handshake from the driver; the event loop then finds its activation event and each
+    /// queue notified once, so chains the driver made available before the snapshot are served.
+    fn restore((mem, device): Self::Args, state: &MmioState) -> Result<Self, MmioStateError> {
+        if state.device_type != device.device_type() {
+            return Err(MmioStateError::DeviceType {
+                saved: state.device_type,
+                device: device.device_type(),
+            });
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(MmioStateError::QueueCount {
+                saved: state.queues.len(),
+                device: max_sizes.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (index, (saved, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if saved.0.max_size != max {
+                return Err(MmioStateError::QueueMaxSize {
+                    index,
+                    saved: saved.0.max_size,
+                    device: max,
+                });
+            }
+            queues.push(
+                Queue::try_from(saved.0)
+                    .map_err(|source| MmioStateError::Queue { index, source })?,
+            );
+        }
+        state.check_status(device.features())?;
+        let mut transport = MmioTransport::new(mem, device).map_err(MmioStateError::Create)?;
+        transport.queues = queues;
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.driver_features = state.driver_features;
+        transport.queue_sel = state.queue_sel;
+        transport.status = state.status;
+        if state.active {
+            transport.activate().map_err(MmioStateError::Activate)?;
+            for evt in &transport.queue_evts {
+                evt.write(1).map_err(|e| {
+                    MmioStateError::Activate(format!("cannot notify a restored queue: {e}"))
+                })?;
+            }
+        }
+        transport.interrupt.restore_status(state.interrupt_status);
+        Ok(transport)
     }
 }
 
@@ -587,7 +784,8 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
-    use crate::virtio::{Block, DiskConfig};
+    use crate::state::{from_bytes, to_bytes};
+    use crate::virtio::{Block, BlockState, DiskConfig};
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
@@ -631,7 +829,19 @@ mod tests {
                 id: None,
             })
             .unwrap();
-            let dev = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block).unwrap()));
+            let transport = MmioTransport::new(mem.clone(), block).unwrap();
+            Self::around(mem, image, transport, queue_handler, 0)
+        }
+
+        /// A guest driving `transport`, whose driver has made `avail_idx` chains available.
+        fn around(
+            mem: GuestMemoryMmap,
+            image: TempFile,
+            transport: MmioTransport<Block>,
+            queue_handler: bool,
+            avail_idx: u16,
+        ) -> Self {
+            let dev = Arc::new(Mutex::new(transport));
             let mut em = EventManager::new().unwrap();
             if queue_handler {
                 let handler = dev.lock().unwrap().queue_handler().unwrap();
@@ -646,7 +856,7 @@ mod tests {
                 dev,
                 em,
                 image,
-                avail_idx: 0,
+                avail_idx,
             }
         }
 
@@ -718,6 +928,16 @@ mod tests {
             self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
         }
 
+        /// Makes more new entries available than the queue holds, notifies, and lets the event
+        /// loop find the queue broken.
+        fn break_queue(&mut self) {
+            self.mem
+                .write_obj(QSIZE as u16 + 1, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+            self.em.run_with_timeout(0).unwrap();
+        }
+
         /// Queues a one-sector read of `sector` into DATA and notifies the device.
         fn submit_read(&mut self, sector: u64) {
             let mut h = [0u8; 16];
@@ -747,6 +967,217 @@ mod tests {
                 .unwrap();
             self.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         }
+    }
+
+    /// The 512 bytes the test image holds at `sector`.
+    fn sector_bytes(sector: u64) -> Vec<u8> {
+        let start = sector as usize * 512;
+        (start..start + 512).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// Saves `g`'s transport, ends it (closing the image, so its lock goes as when the saved
+    /// Ember ends), and restores it with the block device over the same image.
+    fn save_end_restore(g: Guest, queue_handler: bool) -> (Vec<u8>, Guest) {
+        let saved = to_bytes(&g.dev.lock().unwrap().save().unwrap()).unwrap();
+        let Guest {
+            mem,
+            dev,
+            em,
+            image,
+            avail_idx,
+        } = g;
+        drop(em);
+        drop(dev);
+        let state: MmioState = from_bytes(&saved).unwrap();
+        let block = Block::restore((), &from_bytes(&state.device).unwrap()).unwrap();
+        let transport = MmioTransport::restore((mem.clone(), block), &state).unwrap();
+        let g = Guest::around(mem, image, transport, queue_handler, avail_idx);
+        (saved, g)
+    }
+
+    #[test]
+    fn a_restored_transport_serves_on_without_a_handshake() {
+        restored_transport_serves_on(false);
+    }
+
+    #[test]
+    fn a_restored_transport_serves_on_under_the_queue_handler() {
+        restored_transport_serves_on(true);
+    }
+
+    /// One read served (its interrupt not yet acknowledged), a second one made available and
+    /// notified but not yet served when the state is saved: the restored device exports the same bytes, serves the
+    /// second read (and not the first again), and goes on with the next, while the driver sees
+    /// every register as it left it.
+    fn restored_transport_serves_on(queue_handler: bool) {
+        let mut g = Guest::with(queue_handler);
+        g.init();
+        g.submit_read(3);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+        g.submit_read(4);
+        g.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        g.write(VIRTIO_MMIO_QUEUE_SEL, 1);
+        let offered = g.dev.lock().unwrap().device().features();
+
+        let (saved, mut g) = save_end_restore(g, queue_handler);
+        assert_eq!(
+            to_bytes(&g.dev.lock().unwrap().save().unwrap()).unwrap(),
+            saved
+        );
+        let queue = from_bytes::<MmioState>(&saved).unwrap().queues[0].0;
+        assert_eq!(
+            (queue.next_avail, queue.next_used),
+            (1, 1),
+            "the device's positions, not the transport's copy"
+        );
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_DEVICE_FEATURES), (offered >> 32) as u32);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "queue 1 selected");
+        g.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(g.read(VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(g.dev.lock().unwrap().driver_features, FEATURES);
+        assert_eq!(
+            g.read(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING,
+            "not acknowledged before the snapshot"
+        );
+        g.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+
+        // The activation, then the queue notified on restore.
+        g.em.run_with_timeout(0).unwrap();
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 2, "the pending read, and not the first again");
+        let mut got = [0u8; 512];
+        g.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got.to_vec(), sector_bytes(4));
+        assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        g.submit_read(5);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 3);
+        g.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got.to_vec(), sector_bytes(5));
+    }
+
+    #[test]
+    fn a_restored_transport_keeps_a_broken_queue_broken() {
+        let mut g = Guest::with_queue_handler();
+        g.init();
+        g.break_queue();
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        let (saved, mut g) = save_end_restore(g, true);
+        assert!(
+            from_bytes::<BlockState>(&from_bytes::<MmioState>(&saved).unwrap().device)
+                .unwrap()
+                .broken
+        );
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        // Until the driver resets it.
+        g.init();
+        g.submit_read(2);
+        g.em.run_with_timeout(0).unwrap();
+        assert_eq!(g.used_idx(), 1);
+    }
+
+    #[test]
+    fn a_transport_that_never_started_restores_as_it_was() {
+        let g = Guest::new();
+        g.negotiate(FEATURES);
+        g.write(VIRTIO_MMIO_QUEUE_NUM, 8);
+        let (saved, g) = save_end_restore(g, false);
+        assert_eq!(
+            to_bytes(&g.dev.lock().unwrap().save().unwrap()).unwrap(),
+            saved
+        );
+        assert!(!g.dev.lock().unwrap().is_active());
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn corrupt_or_mismatched_state_is_refused() {
+        let mut g = Guest::new();
+        g.init();
+        let (saved, g) = save_end_restore(g, false);
+        let Guest {
+            mem,
+            dev,
+            em,
+            image,
+            ..
+        } = g;
+        drop(em);
+        drop(dev);
+        for len in 0..saved.len() {
+            assert!(
+                from_bytes::<MmioState>(&saved[..len]).is_err(),
+                "{len} bytes"
+            );
+        }
+        let good: MmioState = from_bytes(&saved).unwrap();
+        let restore = |state: &MmioState| {
+            let block = Block::restore((), &from_bytes(&good.device).unwrap()).unwrap();
+            match MmioTransport::restore((mem.clone(), block), state) {
+                Ok(_) => panic!("restored from {state:?}"),
+                Err(e) => e,
+            }
+        };
+        let mut s = good.clone();
+        s.device_type = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+        assert!(matches!(
+            restore(&s),
+            MmioStateError::DeviceType {
+                saved: 1,
+                device: 2
+            }
+        ));
+        let mut s = good.clone();
+        s.queues.clear();
+        assert!(matches!(
+            restore(&s),
+            MmioStateError::QueueCount {
+                saved: 0,
+                device: 1
+            }
+        ));
+        let mut s = good.clone();
+        s.queues[0].0.max_size = 512;
+        assert!(matches!(restore(&s), MmioStateError::QueueMaxSize { .. }));
+        let mut s = good.clone();
+        s.queues[0].0.size = 3;
+        assert!(matches!(
+            restore(&s),
+            MmioStateError::Queue { index: 0, .. }
+        ));
+        let mut s = good.clone();
+        s.status &= !VIRTIO_CONFIG_S_FEATURES_OK;
+        assert!(matches!(restore(&s), MmioStateError::Status { .. }));
+        let mut s = good.clone();
+        s.driver_features |= 1 << 50;
+        assert!(matches!(restore(&s), MmioStateError::Status { .. }));
+        let mut s = good.clone();
+        s.queues[0].0.used_ring = 0xfff0_0000;
+        let err = restore(&s);
+        assert!(matches!(err, MmioStateError::Activate(_)), "{err}");
+
+        // The image changed size since the snapshot.
+        image.as_file().set_len(128 * 512).unwrap();
+        let err = Block::restore((), &from_bytes(&good.device).unwrap())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                err,
+                crate::virtio::block::BlockStateError::ImageSize {
+                    saved: 64,
+                    now: 128,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains(&image.as_path().display().to_string()));
     }
 
     #[test]
@@ -1022,12 +1453,7 @@ mod tests {
 
     fn broken_queue_is_reported_as_needs_reset(mut g: Guest) {
         g.init();
-        // More new entries than the queue holds.
-        g.mem
-            .write_obj(QSIZE as u16 + 1, GuestAddress(AVAIL + 2))
-            .unwrap();
-        g.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        g.em.run_with_timeout(0).unwrap();
+        g.break_queue();
         assert_eq!(g.used_idx(), 0);
         assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         assert_eq!(g.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);

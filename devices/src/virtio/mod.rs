@@ -16,12 +16,14 @@ use std::{fmt, io};
 
 use event_manager::MutEventSubscriber;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use block::{Block, DiskConfig};
-pub use mmio::MmioTransport;
+use crate::state::StateError;
+
+pub use block::{Block, BlockState, DiskConfig};
+pub use mmio::{MmioState, MmioStateError, MmioTransport, VirtqueueState};
 
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
@@ -70,6 +72,22 @@ pub trait VirtioDevice: Send {
     /// where the queue handler runs too. Asked once, when the device is attached.
     fn io_subscribers(&self) -> Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> {
         Vec::new()
+    }
+    /// The device's own state (features, config space, flags), encoded with
+    /// [`crate::state::to_bytes`]; the transport's state carries it, and the VMM rebuilds the
+    /// device from it (the device type says which kind of device) before the transport over it.
+    /// A device that cannot be saved says so: a snapshot without it would not restore.
+    fn save_device_state(&self) -> Result<Vec<u8>, StateError> {
+        Err(StateError::Unsupported {
+            what: "virtio device",
+            reason: "it has no saved form",
+        })
+    }
+    /// The queues as the device serves them now, in order: since activation their ring positions
+    /// have moved on from the transport's copies. None before activation, or where the device
+    /// cannot tell (then an active transport cannot be saved).
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
     }
 }
 
@@ -132,5 +150,11 @@ impl Interrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Sets the ISR bits a restored device had pending, without signalling: the irqchip's own
+    /// restored state already says whether the interrupt was delivered.
+    fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }

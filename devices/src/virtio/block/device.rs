@@ -4,9 +4,11 @@
 
 use std::io;
 use std::mem::{offset_of, size_of, MaybeUninit};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
@@ -16,7 +18,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlockError, DiskImage, SECTOR_SIZE};
@@ -24,6 +26,7 @@ use super::request::{
     collect_chain_into, parse_descriptors, DiskLimits, ParseError, Request, RequestKind, Segment,
 };
 use super::DiskConfig;
+use crate::state::{to_bytes, Persist, StateError};
 use crate::virtio::{
     ActivateError, GuestLog, Interrupt, QueueServer, VirtioDevice, VIRTIO_MMIO_INT_VRING,
 };
@@ -40,6 +43,9 @@ const IOV_BATCH: usize = QUEUE_SIZE as usize;
 const MAX_DISCARD_SECTORS: u32 = 1 << 16;
 
 pub struct Block {
+    /// The id as the user gave it (GET_ID answers the image's name without one), to open the
+    /// image the same way on restore.
+    id: Option<String>,
     features: u64,
     config: Vec<u8>,
     queue_sizes: [u16; 1],
@@ -75,18 +81,26 @@ impl Block {
     /// Opens and locks the image named by `config`.
     pub fn new(config: &DiskConfig) -> Result<Self, BlockError> {
         let disk = DiskImage::open(config)?;
-        let mut features = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_BLK_SIZE);
-        if disk.readonly() {
-            features |= 1 << VIRTIO_BLK_F_RO;
-        } else {
-            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
-        }
-        let config = config_space(&disk);
-        Ok(Block {
+        let features = offered_features(&disk);
+        let config_space = config_space(&disk);
+        Ok(Self::with(
+            disk,
+            config.id.clone(),
+            features,
+            config_space,
+            false,
+        ))
+    }
+
+    fn with(
+        disk: DiskImage,
+        id: Option<String>,
+        features: u64,
+        config: Vec<u8>,
+        broken: bool,
+    ) -> Self {
+        Block {
+            id,
             features,
             config,
             queue_sizes: [QUEUE_SIZE],
@@ -96,10 +110,23 @@ impl Block {
                     active: None,
                     log: GuestLog::new("virtio-blk"),
                 }),
-                broken: AtomicBool::new(false),
+                broken: AtomicBool::new(broken),
             }),
             log: GuestLog::new("virtio-blk"),
-        })
+        }
+    }
+
+    fn state(&self) -> BlockState {
+        let disk = self.disk();
+        BlockState {
+            path: disk.path().to_path_buf(),
+            readonly: disk.readonly(),
+            id: self.id.clone(),
+            sectors: disk.sectors(),
+            features: self.features,
+            config: self.config.clone(),
+            broken: self.server.needs_reset(),
+        }
     }
 
     pub fn disk(&self) -> &DiskImage {
@@ -156,6 +183,20 @@ impl QueueServer for BlockServer {
     fn needs_reset(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
     }
+}
+
+fn offered_features(disk: &DiskImage) -> u64 {
+    let mut features = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_BLK_SIZE);
+    if disk.readonly() {
+        features |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+    }
+    features
 }
 
 fn config_space(disk: &DiskImage) -> Vec<u8> {
@@ -270,7 +311,8 @@ impl VirtioDevice for Block {
             limits,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         });
-        self.server.broken.store(false, Ordering::SeqCst);
+        // Not cleared here: a reset already did, and a restored device starts again as broken
+        // as it was saved.
         Ok(())
     }
 
@@ -290,6 +332,130 @@ impl VirtioDevice for Block {
 
     fn queue_server(&self) -> Arc<dyn QueueServer> {
         self.server.clone()
+    }
+
+    fn save_device_state(&self) -> Result<Vec<u8>, StateError> {
+        to_bytes(&self.state())
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        // Taking the request side's lock waits for a request in flight: every chain the queue
+        // has taken is complete in the used ring.
+        let serving = self.server.lock();
+        serving.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+}
+
+/// What the guest sees of the disk: its features and config space as they were offered, and
+/// whether the driver broke the queue. The image itself is opened again by path (and locked
+/// again); the queue's positions are the transport's part of the state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    #[serde(with = "path_bytes")]
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub id: Option<String>,
+    /// The image's size when saved: the guest's filesystem was laid out for it.
+    pub sectors: u64,
+    pub features: u64,
+    pub config: Vec<u8>,
+    pub broken: bool,
+}
+
+/// Paths as their bytes: a Linux path need not be UTF-8, which serde's `PathBuf` requires.
+mod path_bytes {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(path.as_os_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        Ok(OsStr::from_bytes(&bytes).into())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockStateError {
+    #[error("cannot reopen the disk image: {0}")]
+    Open(#[from] BlockError),
+    #[error(
+        "disk image {} has {now} sectors, but {saved} when the guest was saved",
+        path.display()
+    )]
+    ImageSize { path: PathBuf, saved: u64, now: u64 },
+    #[error(
+        "disk image {}: saved features {saved:#x} are not all offered for it now ({offered:#x})",
+        path.display()
+    )]
+    Features {
+        path: PathBuf,
+        saved: u64,
+        offered: u64,
+    },
+    #[error("disk image {}: saved config space does not describe it ({reason})", path.display())]
+    Config { path: PathBuf, reason: &'static str },
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    /// Nothing: the image is reopened from the path in the state.
+    type Args = ();
+    type Error = BlockStateError;
+
+    fn save(&self) -> Result<BlockState, BlockStateError> {
+        Ok(self.state())
+    }
+
+    /// The restored device offers the saved features and config space, not what this Ember
+    /// would offer a new guest: the driver negotiated those.
+    fn restore((): (), state: &BlockState) -> Result<Self, BlockStateError> {
+        let disk = DiskImage::open(&DiskConfig {
+            path: state.path.clone(),
+            readonly: state.readonly,
+            id: state.id.clone(),
+        })?;
+        let path = || state.path.clone();
+        if disk.sectors() != state.sectors {
+            return Err(BlockStateError::ImageSize {
+                path: path(),
+                saved: state.sectors,
+                now: disk.sectors(),
+            });
+        }
+        let offered = offered_features(&disk);
+        if state.features & !offered != 0 {
+            return Err(BlockStateError::Features {
+                path: path(),
+                saved: state.features,
+                offered,
+            });
+        }
+        if state.config.len() != size_of::<virtio_blk_config>() {
+            return Err(BlockStateError::Config {
+                path: path(),
+                reason: "wrong length",
+            });
+        }
+        let at = offset_of!(virtio_blk_config, capacity);
+        if state.config[at..at + 8] != disk.sectors().to_le_bytes() {
+            return Err(BlockStateError::Config {
+                path: path(),
+                reason: "another capacity",
+            });
+        }
+        Ok(Self::with(
+            disk,
+            state.id.clone(),
+            state.features,
+            state.config.clone(),
+            state.broken,
+        ))
     }
 }
 

@@ -11,7 +11,7 @@ mod request;
 use std::path::PathBuf;
 
 pub use backend::{BlockError, DiskImage, DISK_ID_LEN, SECTOR_SIZE};
-pub use device::{Block, QUEUE_SIZE};
+pub use device::{Block, BlockState, BlockStateError, QUEUE_SIZE};
 pub use request::{
     collect_chain, collect_chain_into, parse_descriptors, ChainError, DiskLimits, ParseError,
     Rejection, Request, RequestKind, SectorRange, Segment,

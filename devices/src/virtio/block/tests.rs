@@ -930,3 +930,32 @@ fn a_full_queue_is_served_a_bounded_turn_at_a_time() {
     assert_eq!(served, 6);
     assert!(!server.serve(0), "nothing left");
 }
+
+/// A read-only disk with its own id: the restored device opens the same image the same way and
+/// shows the guest the same features and config space.
+#[test]
+fn block_state_round_trips_and_refuses_features_the_disk_cannot_have() {
+    use crate::state::{from_bytes, to_bytes, Persist};
+    let d = Driver::new(true, Some("scratch"), 1 << VIRTIO_F_VERSION_1);
+    let saved = to_bytes(&d.block.save().unwrap()).unwrap();
+    // Read-only images take a shared lock: both can be open at once.
+    let state: BlockState = from_bytes(&saved).unwrap();
+    let restored = Block::restore((), &state).unwrap();
+    assert_eq!(to_bytes(&restored.save().unwrap()).unwrap(), saved);
+    assert_eq!(restored.features(), d.block.features());
+    assert_eq!(restored.disk().id(), b"scratch\0\0\0\0\0\0\0\0\0\0\0\0\0");
+    assert!(restored.disk().readonly());
+    let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+    d.block.read_config(0, &mut a);
+    restored.read_config(0, &mut b);
+    assert_eq!(a, b);
+
+    let mut writable = state.clone();
+    writable.features |= 1 << VIRTIO_BLK_F_DISCARD;
+    let err = Block::restore((), &writable).err().unwrap();
+    assert!(matches!(err, BlockStateError::Features { .. }), "{err}");
+    let mut short = state;
+    short.config.truncate(8);
+    let err = Block::restore((), &short).err().unwrap();
+    assert!(matches!(err, BlockStateError::Config { .. }), "{err}");
+}
