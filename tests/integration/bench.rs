@@ -5,8 +5,23 @@ use std::time::Duration;
 
 use crate::common::{self, run_ember};
 
+/// `ember bench` execs the ember-bench next to ember, and the floor is found there too. Cargo
+/// builds both for `cargo test --workspace` and `--test integration` (bench/Cargo.toml says how);
+/// a run that has them missing is broken, not a reason to skip.
+fn require_bench_binaries() {
+    for name in ["ember-bench", "ember-floor"] {
+        let p = std::path::Path::new(common::ember()).with_file_name(name);
+        assert!(
+            p.is_file(),
+            "{} is missing: build it with `cargo build --release -p ember-bench`",
+            p.display()
+        );
+    }
+}
+
 #[test]
 fn bench_null_guest_reports_figures_json_and_chart() {
+    require_bench_binaries();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-e2e");
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("bench.json");
@@ -79,6 +94,7 @@ fn bench_null_guest_reports_figures_json_and_chart() {
 #[test]
 fn the_floor_runs_and_the_report_gives_ember_as_a_ratio_to_it() {
     common::kvm_kind();
+    require_bench_binaries();
     let floor = std::path::Path::new(common::ember()).with_file_name("ember-floor");
     let run = common::run_command(
         {

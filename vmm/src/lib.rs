@@ -1,7 +1,6 @@
 //! Ember's VMM core: configuration, VM assembly, vCPU threads and the device event loop. The
 //! `ember` binary (main.rs) is a thin CLI over it.
 
-pub mod bench;
 pub mod config;
 pub mod console;
 pub mod disks;

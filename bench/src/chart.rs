@@ -7,9 +7,9 @@
 
 use std::fmt::Write as _;
 
-use super::report::mib;
-use super::systems::Kind;
-use super::{ModeResult, Report};
+use crate::report::mib;
+use crate::systems::Kind;
+use crate::{ModeResult, Report};
 
 const W: f64 = 960.0;
 const LABEL_W: f64 = 96.0;

@@ -2,10 +2,10 @@
 
 use std::fmt::Write as _;
 
-use super::phases::{self, Timeline, PHASES};
-use super::stats::{median_index, Summary};
-use super::systems::{json_string, Kind};
-use super::{Mode, ModeResult, Report, SystemResult};
+use crate::phases::{self, Timeline, PHASES};
+use crate::stats::{median_index, Summary};
+use crate::systems::{json_string, Kind};
+use crate::{Mode, ModeResult, Report, SystemResult};
 
 /// The targets for the null guest (medians; own memory from the probe).
 pub const TARGET_READY_MS: f64 = 5.0;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::trial::{self, clip, Spec};
-use super::BenchError;
+use crate::trial::{self, clip, Spec};
+use crate::BenchError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
