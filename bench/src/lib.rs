@@ -16,6 +16,7 @@
 
 pub mod chart;
 pub mod host;
+pub mod json;
 pub mod memory;
 pub mod phases;
 pub mod report;
@@ -106,6 +107,8 @@ pub enum BenchError {
     },
     #[error("Ember itself does not run the {mode} guest here: {reason}")]
     EmberFails { mode: &'static str, reason: String },
+    #[error("cannot encode the report as JSON: {0}")]
+    Json(#[source] serde_json::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +232,8 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         notes,
     };
     if let Some(path) = &args.json {
-        std::fs::write(path, report::json(&report)).map_err(|e| BenchError::Io {
+        let text = json::to_string(&report).map_err(BenchError::Json)?;
+        std::fs::write(path, text).map_err(|e| BenchError::Io {
             what: "write",
             path: path.clone(),
             source: e,

@@ -177,9 +177,9 @@ impl Bundle {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let config = oci_config(marker);
         let path = bundle.dir.join("config.json");
-        std::fs::write(&path, config).map_err(|e| io_err(&path, "write", e))?;
+        std::fs::write(&path, oci_config(marker).to_string())
+            .map_err(|e| io_err(&path, "write", e))?;
         Ok(bundle)
     }
 }
@@ -210,69 +210,46 @@ fn io_err(path: &Path, what: &'static str, source: io::Error) -> BenchError {
 /// namespace: neither side of the comparison gets networking, and creating an empty netns is
 /// work the microVM does not do either. The process prints the marker with the shell's
 /// builtin echo and exits.
-pub fn oci_config(marker: &str) -> String {
-    let caps = r#"["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]"#;
-    format!(
-        r#"{{
-  "ociVersion": "1.0.2",
-  "process": {{
-    "terminal": false,
-    "user": {{ "uid": 0, "gid": 0 }},
-    "args": ["/bin/sh", "-c", "echo \"$1\"", "sh", {marker}],
-    "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-    "cwd": "/",
-    "capabilities": {{
-      "bounding": {caps},
-      "effective": {caps},
-      "permitted": {caps},
-      "ambient": {caps}
-    }},
-    "rlimits": [{{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }}],
-    "noNewPrivileges": true
-  }},
-  "root": {{ "path": "rootfs", "readonly": true }},
-  "hostname": "ember-bench",
-  "mounts": [
-    {{ "destination": "/proc", "type": "proc", "source": "proc" }},
-    {{ "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-       "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] }},
-    {{ "destination": "/dev/pts", "type": "devpts", "source": "devpts",
-       "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] }},
-    {{ "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-       "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] }},
-    {{ "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-       "options": ["nosuid", "noexec", "nodev"] }},
-    {{ "destination": "/sys", "type": "sysfs", "source": "sysfs",
-       "options": ["nosuid", "noexec", "nodev", "ro"] }}
-  ],
-  "linux": {{
-    "namespaces": [{{ "type": "pid" }}, {{ "type": "ipc" }}, {{ "type": "uts" }}, {{ "type": "mount" }}],
-    "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-    "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-  }}
-}}
-"#,
-        marker = json_string(marker)
-    )
-}
-
-/// A JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+pub fn oci_config(marker: &str) -> serde_json::Value {
+    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": ["/bin/sh", "-c", "echo \"$1\"", "sh", marker],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
+                "ambient": caps
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "noNewPrivileges": true
+        },
+        "root": { "path": "rootfs", "readonly": true },
+        "hostname": "ember-bench",
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+              "options": ["nosuid", "noexec", "nodev"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] }
+        ],
+        "linux": {
+            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
-    }
-    out.push('"');
-    out
+    })
 }
 
 /// Quotes a word for a POSIX shell when it needs it.
@@ -627,15 +604,19 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\nd\u{1}"), r#""a\"b\\c\nd\u0001""#);
-    }
-
-    #[test]
     fn oci_config_prints_the_marker_without_a_network_namespace() {
         let c = oci_config("say \"hi\"");
-        assert!(c.contains(r#""args": ["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""]"#));
-        assert!(!c.contains("network"));
-        assert!(c.contains(r#""readonly": true"#));
+        assert_eq!(
+            c["process"]["args"],
+            serde_json::json!(["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""])
+        );
+        let namespaces = c["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(namespaces.len(), 4);
+        assert!(namespaces.iter().all(|n| n["type"] != "network"));
+        assert_eq!(c["root"]["readonly"], true);
+        // What a runtime reads back is what we meant, quotes and all.
+        let text = c.to_string();
+        assert!(!text.contains("network"), "{text}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), c);
     }
 }
