@@ -104,6 +104,16 @@ fn has_exit(seg: &[(&'static str, f64)]) -> bool {
     seg.last().is_some_and(|(n, _)| *n == "ready line to exit")
 }
 
+/// Segment `i`'s colour in the phase-by-phase strip: the ready-to-exit part is grey, as the
+/// lighter continuation of the bars above is.
+fn segment_color(seg: &[(&'static str, f64)], i: usize) -> &'static str {
+    if has_exit(seg) && i == seg.len() - 1 {
+        "#dee2e6"
+    } else {
+        PHASE_COLORS[i % PHASE_COLORS.len()]
+    }
+}
+
 fn ready_part<'a>(seg: &'a [(&'static str, f64)]) -> &'a [(&'static str, f64)] {
     if has_exit(seg) {
         &seg[..seg.len() - 1]
@@ -293,12 +303,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         let mut x = 16.0;
         for (i, (name, v)) in seg.iter().enumerate() {
             let w = if total > 0.0 { v / total * span } else { 0.0 };
-            let last = has_exit(&seg) && i == seg.len() - 1;
-            let color = if last {
-                "#dee2e6"
-            } else {
-                PHASE_COLORS[i % PHASE_COLORS.len()]
-            };
+            let color = segment_color(&seg, i);
             let _ = writeln!(
                 o,
                 r##"<rect x="{x:.2}" y="{y:.1}" width="{w:.2}" height="{BAR_H}" fill="{color}"><title>{} {:.2} ms</title></rect>"##,
@@ -313,12 +318,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             let col = (i % 2) as f64;
             let lx = 16.0 + col * 460.0;
             let ly = y + (i / 2) as f64 * 16.0 + 10.0;
-            let last = has_exit(&seg) && i == seg.len() - 1;
-            let color = if last {
-                "#dee2e6"
-            } else {
-                PHASE_COLORS[i % PHASE_COLORS.len()]
-            };
+            let color = segment_color(&seg, i);
             let _ = writeln!(
                 o,
                 r##"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{color}"/><text x="{:.1}" y="{ly:.1}" font-size="11">{} — {} ms</text>"##,

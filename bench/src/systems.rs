@@ -278,6 +278,16 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The containers' name; `{id}` makes it unique to each run.
+const CONTAINER: &str = "ember-bench-{id}";
+
+/// `program VERB -f NAME`: removes the container a failed or killed run left behind.
+fn remove_container(program: &Path, verb: &str) -> Vec<String> {
+    [&program.display().to_string(), verb, "-f", CONTAINER]
+        .map(String::from)
+        .to_vec()
+}
+
 /// Builds the command line of `kind`, or says why it cannot run here before trying.
 pub fn candidate(
     kind: Kind,
@@ -341,12 +351,7 @@ pub fn candidate(
             let name = kind.name();
             let program = which(name).ok_or_else(|| format!("{name} is not installed"))?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "delete".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "delete");
             Ok(System {
                 kind,
                 program,
@@ -354,7 +359,7 @@ pub fn candidate(
                     "run".into(),
                     "--bundle".into(),
                     bundle.dir.display().to_string(),
-                    "ember-bench-{id}".into(),
+                    CONTAINER.into(),
                 ],
                 note: None,
                 cleanup: Some(cleanup),
@@ -363,12 +368,7 @@ pub fn candidate(
         Kind::Podman => {
             let program = which("podman").ok_or("podman is not installed")?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "rm".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "rm");
             Ok(System {
                 kind,
                 program,
@@ -376,7 +376,7 @@ pub fn candidate(
                     "run",
                     "--rm",
                     "--name",
-                    "ember-bench-{id}",
+                    CONTAINER,
                     // Rootful podman's defaults fail on this kind of host (hybrid cgroups, no
                     // systemd, huge nofile limits); these are the documented knobs.
                     "--cgroup-manager=cgroupfs",
@@ -407,12 +407,7 @@ pub fn candidate(
         Kind::Docker => {
             let program = which("docker").ok_or("docker is not installed")?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "rm".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "rm");
             let info = Command::new(&program)
                 .arg("info")
                 .stdin(Stdio::null())
@@ -436,7 +431,7 @@ pub fn candidate(
                     "run",
                     "--rm",
                     "--name",
-                    "ember-bench-{id}",
+                    CONTAINER,
                     "--network",
                     "host",
                     &image,
