@@ -375,6 +375,34 @@ mod tests {
     }
 
     #[test]
+    fn the_chart_has_every_system_and_ember_phase_by_phase() {
+        let s = svg(&crate::fixture::report());
+        assert!(
+            s.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+            "{s}"
+        );
+        assert!(s.trim_end().ends_with("</svg>"), "{s}");
+        assert!(
+            s.contains(">ember</text>") && s.contains(">floor</text>"),
+            "{s}"
+        );
+        // Each phase's value is in its tooltip and in the legend.
+        assert!(s.contains("<title>create VM 0.30 ms</title>"), "{s}");
+        assert!(s.contains("create VM — 0.30 ms</text>"), "{s}");
+        // The run went on to exit: the strip ends in the grey ready-to-exit part.
+        assert!(
+            s.contains("fill=\"#dee2e6\"><title>ready line to exit "),
+            "{s}"
+        );
+        assert!(
+            s.contains(">docker not run: docker is not installed</text>"),
+            "{s}"
+        );
+        assert!(s.contains("with &lt;markup&gt; &amp; an ampersand"), "{s}");
+        assert!(s.contains("ember own memory: 1.94 MiB"), "{s}");
+    }
+
+    #[test]
     fn text_is_escaped() {
         assert_eq!(esc("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
     }

@@ -15,6 +15,8 @@
 //! machine drift falls on all of them alike.
 
 pub mod chart;
+#[cfg(test)]
+mod fixture;
 pub mod host;
 pub mod json;
 pub mod memory;
