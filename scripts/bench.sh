@@ -20,5 +20,5 @@ kernel=${EMBER_MICROVM_KERNEL:-$HOME/.cache/ember/microvm-kernel}/vmlinux
 if [ ! -f "$kernel" ]; then
     echo "bench: $kernel not built (scripts/microvm-kernel.sh); using the kit's vmlinux" >&2
 fi
-cargo build --release -q -p ember-vmm
+cargo build --release -q -p ember-vmm -p ember-bench
 exec target/x86_64-unknown-linux-gnu/release/ember bench --json target/bench.json --chart docs/bench.svg "$@"

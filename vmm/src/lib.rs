@@ -2,7 +2,6 @@
 //! `ember` binary (main.rs) is a thin CLI over it.
 
 pub mod api;
-pub mod bench;
 pub mod config;
 pub mod console;
 pub mod device_manager;

@@ -23,11 +23,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// One value, parsed once: boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Boot a kernel in a new microVM; Ember exits when the guest resets or powers off.
     Run(RunArgs),
     /// Measure microVM start-up against containers (and peers) on the same root filesystem.
-    Bench(ember_vmm::bench::BenchArgs),
+    // The benchmark is its own crate and binary (`ember-bench`); everything after `bench`,
+    // `--help` included, is its to parse.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args)]
@@ -106,6 +114,30 @@ fn boot_log() -> Option<std::fs::File> {
         .ok()
 }
 
+/// Replaces this process with the `ember-bench` next to it, so that its output, exit status and
+/// the signals sent to `ember bench` are the benchmark's own. Returns only if it cannot start.
+fn exec_bench(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let bench = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("ember-bench"),
+        Err(e) => {
+            eprintln!("ember: error: cannot locate the ember binary to find ember-bench: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !bench.is_file() {
+        eprintln!(
+            "ember: error: `ember bench` runs {}, which is missing: build it with `cargo build \
+             --release -p ember-bench`",
+            bench.display()
+        );
+        return ExitCode::from(1);
+    }
+    let e = std::process::Command::new(&bench).args(args).exec();
+    eprintln!("ember: error: cannot run {}: {e}", bench.display());
+    ExitCode::from(1)
+}
+
 /// The guest kernel reported a panic (pvpanic): a crash, not a reboot.
 const EXIT_GUEST_PANIC: u8 = 3;
 /// A vCPU triple-faulted: the guest crashed past its own exception handlers.
@@ -153,13 +185,7 @@ fn main() -> ExitCode {
     };
 
     match cli.command {
-        Command::Bench(args) => match ember_vmm::bench::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ember: error: {}", error_line(&e));
-                ExitCode::from(1)
-            }
-        },
+        Command::Bench { args } => exec_bench(args),
         Command::Run(args) => {
             let cfg = match args.to_config() {
                 Ok(c) => c,

@@ -12,6 +12,30 @@ use std::process::ExitCode;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 
+#[derive(Debug, thiserror::Error)]
+enum FloorError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(#[source] kvm_ioctls::Error),
+    #[error("{ioctl}: {source}")]
+    Kvm {
+        ioctl: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot map guest memory: {0}")]
+    Map(#[source] std::io::Error),
+    #[error("the line ({0} bytes) does not fit in the guest's memory")]
+    LineTooLong(usize),
+    #[error("stdout: {0}")]
+    Stdout(#[source] std::io::Error),
+    #[error("unexpected exit {0}")]
+    UnexpectedExit(String),
+}
+
+fn ioctl_failed(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> FloorError {
+    move |source| FloorError::Kvm { ioctl, source }
+}
+
 const MEM_SIZE: usize = 64 << 10;
 const CODE: u64 = 0x1000;
 const TEXT: u64 = 0x2000;
@@ -30,9 +54,9 @@ const GUEST: [u8; 15] = [
     0xf4, // hlt
 ];
 
-fn run(line: &str) -> Result<(), String> {
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+fn run(line: &str) -> Result<(), FloorError> {
+    let kvm = Kvm::new().map_err(FloorError::Open)?;
+    let vm = kvm.create_vm().map_err(ioctl_failed("KVM_CREATE_VM"))?;
     // SAFETY: a fresh anonymous mapping, kept for the life of the process (the VM's).
     let mem = unsafe {
         libc::mmap(
@@ -45,16 +69,13 @@ fn run(line: &str) -> Result<(), String> {
         )
     };
     if mem == libc::MAP_FAILED {
-        return Err(format!(
-            "cannot map guest memory: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(FloorError::Map(std::io::Error::last_os_error()));
     }
     // SAFETY: the mapping above is MEM_SIZE bytes, writable, and nothing else uses it yet.
     let guest = unsafe { std::slice::from_raw_parts_mut(mem.cast::<u8>(), MEM_SIZE) };
     let text = line.as_bytes();
     if TEXT as usize + text.len() + 2 > MEM_SIZE {
-        return Err("the line does not fit in the guest's memory".into());
+        return Err(FloorError::LineTooLong(text.len()));
     }
     guest[CODE as usize..CODE as usize + GUEST.len()].copy_from_slice(&GUEST);
     guest[TEXT as usize..TEXT as usize + text.len()].copy_from_slice(text);
@@ -69,33 +90,28 @@ fn run(line: &str) -> Result<(), String> {
     };
     // SAFETY: the region stays mapped until the process exits.
     unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        .map_err(ioctl_failed("KVM_SET_USER_MEMORY_REGION"))?;
+    let mut vcpu = vm.create_vcpu(0).map_err(ioctl_failed("KVM_CREATE_VCPU"))?;
+    let mut sregs = vcpu.get_sregs().map_err(ioctl_failed("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs)
-        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-    let mut regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        .map_err(ioctl_failed("KVM_SET_SREGS"))?;
+    let mut regs = vcpu.get_regs().map_err(ioctl_failed("KVM_GET_REGS"))?;
     regs.rip = CODE;
     regs.rflags = 2;
-    vcpu.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    vcpu.set_regs(&regs).map_err(ioctl_failed("KVM_SET_REGS"))?;
     let mut out = std::io::stdout().lock();
     loop {
-        match vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
+        match vcpu.run().map_err(ioctl_failed("KVM_RUN"))? {
             VcpuExit::IoOut(COM1, data) => {
                 // Unbuffered, as a console is: each byte reaches the reader as it comes.
                 out.write_all(data)
                     .and_then(|()| out.flush())
-                    .map_err(|e| format!("stdout: {e}"))?;
+                    .map_err(FloorError::Stdout)?;
             }
             VcpuExit::Hlt => return Ok(()),
-            other => return Err(format!("unexpected exit {other:?}")),
+            other => return Err(FloorError::UnexpectedExit(format!("{other:?}"))),
         }
     }
 }

@@ -18,7 +18,7 @@ impl KvmKind {
     pub fn detect() -> KvmKind {
         if !Path::new("/dev/kvm").exists() {
             KvmKind::None
-        } else if crate::host::HostKind::detect() == crate::host::HostKind::Pvm {
+        } else if ember_vmm::host::HostKind::detect() == ember_vmm::host::HostKind::Pvm {
             KvmKind::Pvm
         } else {
             KvmKind::Hardware

@@ -7,9 +7,9 @@
 
 use std::fmt::Write as _;
 
-use super::report::mib;
-use super::systems::Kind;
-use super::{ModeResult, Report};
+use crate::report::mib;
+use crate::systems::Kind;
+use crate::{ModeResult, Report};
 
 const W: f64 = 960.0;
 const LABEL_W: f64 = 96.0;
@@ -102,6 +102,16 @@ fn lines(o: &mut String, x: f64, mut y: f64, size: u32, fill: &str, text: &str) 
 /// Whether Ember's segments end with the ready-to-exit part (not when it was stopped).
 fn has_exit(seg: &[(&'static str, f64)]) -> bool {
     seg.last().is_some_and(|(n, _)| *n == "ready line to exit")
+}
+
+/// Segment `i`'s colour in the phase-by-phase strip: the ready-to-exit part is grey, as the
+/// lighter continuation of the bars above is.
+fn segment_color(seg: &[(&'static str, f64)], i: usize) -> &'static str {
+    if has_exit(seg) && i == seg.len() - 1 {
+        "#dee2e6"
+    } else {
+        PHASE_COLORS[i % PHASE_COLORS.len()]
+    }
 }
 
 fn ready_part<'a>(seg: &'a [(&'static str, f64)]) -> &'a [(&'static str, f64)] {
@@ -293,12 +303,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         let mut x = 16.0;
         for (i, (name, v)) in seg.iter().enumerate() {
             let w = if total > 0.0 { v / total * span } else { 0.0 };
-            let last = has_exit(&seg) && i == seg.len() - 1;
-            let color = if last {
-                "#dee2e6"
-            } else {
-                PHASE_COLORS[i % PHASE_COLORS.len()]
-            };
+            let color = segment_color(&seg, i);
             let _ = writeln!(
                 o,
                 r##"<rect x="{x:.2}" y="{y:.1}" width="{w:.2}" height="{BAR_H}" fill="{color}"><title>{} {:.2} ms</title></rect>"##,
@@ -313,12 +318,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             let col = (i % 2) as f64;
             let lx = 16.0 + col * 460.0;
             let ly = y + (i / 2) as f64 * 16.0 + 10.0;
-            let last = has_exit(&seg) && i == seg.len() - 1;
-            let color = if last {
-                "#dee2e6"
-            } else {
-                PHASE_COLORS[i % PHASE_COLORS.len()]
-            };
+            let color = segment_color(&seg, i);
             let _ = writeln!(
                 o,
                 r##"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{color}"/><text x="{:.1}" y="{ly:.1}" font-size="11">{} — {} ms</text>"##,
@@ -372,6 +372,34 @@ mod tests {
         assert_eq!(fmt_tick(0.0), "0");
         assert_eq!(fmt_tick(0.1 + 0.2), "0.3");
         assert_eq!(fmt_tick(2.5), "2.5");
+    }
+
+    #[test]
+    fn the_chart_has_every_system_and_ember_phase_by_phase() {
+        let s = svg(&crate::fixture::report());
+        assert!(
+            s.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+            "{s}"
+        );
+        assert!(s.trim_end().ends_with("</svg>"), "{s}");
+        assert!(
+            s.contains(">ember</text>") && s.contains(">floor</text>"),
+            "{s}"
+        );
+        // Each phase's value is in its tooltip and in the legend.
+        assert!(s.contains("<title>create VM 0.30 ms</title>"), "{s}");
+        assert!(s.contains("create VM — 0.30 ms</text>"), "{s}");
+        // The run went on to exit: the strip ends in the grey ready-to-exit part.
+        assert!(
+            s.contains("fill=\"#dee2e6\"><title>ready line to exit "),
+            "{s}"
+        );
+        assert!(
+            s.contains(">docker not run: docker is not installed</text>"),
+            "{s}"
+        );
+        assert!(s.contains("with &lt;markup&gt; &amp; an ampersand"), "{s}");
+        assert!(s.contains("ember own memory: 1.94 MiB"), "{s}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! own = peak RSS - guest RAM resident. File-backed pages (the binary, libc) count as Ember's:
 //! that is what a second VM would not share with anything but other Embers.
 
-use super::trial::{self, Spec};
+use crate::trial::{self, Spec};
 
 /// Probe results, KiB.
 #[derive(Debug, Clone, Default)]
@@ -64,7 +64,7 @@ pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<
         });
     }
     let owns: Vec<f64> = results.iter().map(|r| r.own as f64).collect();
-    let i = super::stats::median_index(&owns).unwrap_or(0);
+    let i = crate::stats::median_index(&owns).unwrap_or(0);
     let n = results.len();
     let mut m = results.swap_remove(i);
     m.runs = n;

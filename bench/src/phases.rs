@@ -1,5 +1,7 @@
 //! Ember's boot timeline (`ember run --timings=json`), as the benchmark reads it.
 
+use std::collections::HashMap;
+
 /// Ember's phase names, in boot order, as the JSON line spells them.
 pub const PHASES: [&str; 9] = [
     "args_parsed",
@@ -26,34 +28,32 @@ impl Timeline {
     }
 }
 
-/// Finds the `{"unit":"us",...}` line in Ember's stderr and reads it. The line is flat (string
-/// unit, then numbers or null), so a full JSON parser is not needed; anything else is rejected.
+/// Finds the `{"unit":"us",...}` line in Ember's stderr and reads it. A phase this benchmark
+/// does not know (added to Ember later) is ignored rather than losing the run; a known phase
+/// must be a whole number of microseconds or null, and the unit must be `us`.
 pub fn parse(stderr: &[u8]) -> Option<Timeline> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        unit: String,
+        #[serde(flatten)]
+        phases: HashMap<String, serde_json::Value>,
+    }
     let text = String::from_utf8_lossy(stderr);
+    // Ember's other stderr lines are words; the last one that is a JSON object with a unit is
+    // the timeline.
     let line = text
         .lines()
         .rev()
-        .find(|l| l.trim_start().starts_with("{\"unit\":\"us\""))?;
-    let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+        .filter(|l| l.trim_start().starts_with('{'))
+        .find_map(|l| serde_json::from_str::<Line>(l.trim()).ok())?;
+    if line.unit != "us" {
+        return None;
+    }
     let mut t = Timeline::default();
-    for field in body.split(',') {
-        let (k, v) = field.split_once(':')?;
-        let k = k.trim().strip_prefix('"')?.strip_suffix('"')?;
-        let v = v.trim();
-        if k == "unit" {
-            if v != "\"us\"" {
-                return None;
-            }
-            continue;
-        }
-        let Some(i) = PHASES.iter().position(|p| *p == k) else {
-            // A phase added to Ember later: ignore it rather than lose the run.
-            continue;
-        };
-        t.0[i] = if v == "null" {
-            None
-        } else {
-            Some(v.parse().ok()?)
+    for (slot, phase) in t.0.iter_mut().zip(PHASES) {
+        *slot = match line.phases.get(phase) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_u64()?),
         };
     }
     Some(t)
@@ -111,6 +111,16 @@ mod tests {
         assert_eq!(parse(b"ember: error: no kernel\n"), None);
         assert_eq!(parse(b"{\"unit\":\"ms\",\"args_parsed\":1}\n"), None);
         assert_eq!(parse(b"{\"unit\":\"us\",\"args_parsed\":x}\n"), None);
+        assert_eq!(parse(b"{\"unit\":\"us\",\"args_parsed\":-1}\n"), None);
+        assert_eq!(parse(b"{\"unit\":\"us\",\"args_parsed\":\"1\"}\n"), None);
+    }
+
+    #[test]
+    fn phases_added_to_ember_later_are_ignored() {
+        let t =
+            parse(b"{\"unit\":\"us\",\"args_parsed\":7,\"snapshot_loaded\":{\"at\":1}}\n").unwrap();
+        assert_eq!(t.get("args_parsed"), Some(7));
+        assert_eq!(t.get("vm_created"), None);
     }
 
     #[test]

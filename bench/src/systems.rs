@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::trial::{self, clip, Spec};
-use super::BenchError;
+use crate::trial::{self, clip, Spec};
+use crate::BenchError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -177,9 +177,9 @@ impl Bundle {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let config = oci_config(marker);
         let path = bundle.dir.join("config.json");
-        std::fs::write(&path, config).map_err(|e| io_err(&path, "write", e))?;
+        std::fs::write(&path, oci_config(marker).to_string())
+            .map_err(|e| io_err(&path, "write", e))?;
         Ok(bundle)
     }
 }
@@ -210,69 +210,46 @@ fn io_err(path: &Path, what: &'static str, source: io::Error) -> BenchError {
 /// namespace: neither side of the comparison gets networking, and creating an empty netns is
 /// work the microVM does not do either. The process prints the marker with the shell's
 /// builtin echo and exits.
-pub fn oci_config(marker: &str) -> String {
-    let caps = r#"["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]"#;
-    format!(
-        r#"{{
-  "ociVersion": "1.0.2",
-  "process": {{
-    "terminal": false,
-    "user": {{ "uid": 0, "gid": 0 }},
-    "args": ["/bin/sh", "-c", "echo \"$1\"", "sh", {marker}],
-    "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-    "cwd": "/",
-    "capabilities": {{
-      "bounding": {caps},
-      "effective": {caps},
-      "permitted": {caps},
-      "ambient": {caps}
-    }},
-    "rlimits": [{{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }}],
-    "noNewPrivileges": true
-  }},
-  "root": {{ "path": "rootfs", "readonly": true }},
-  "hostname": "ember-bench",
-  "mounts": [
-    {{ "destination": "/proc", "type": "proc", "source": "proc" }},
-    {{ "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-       "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] }},
-    {{ "destination": "/dev/pts", "type": "devpts", "source": "devpts",
-       "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] }},
-    {{ "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-       "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] }},
-    {{ "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-       "options": ["nosuid", "noexec", "nodev"] }},
-    {{ "destination": "/sys", "type": "sysfs", "source": "sysfs",
-       "options": ["nosuid", "noexec", "nodev", "ro"] }}
-  ],
-  "linux": {{
-    "namespaces": [{{ "type": "pid" }}, {{ "type": "ipc" }}, {{ "type": "uts" }}, {{ "type": "mount" }}],
-    "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-    "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-  }}
-}}
-"#,
-        marker = json_string(marker)
-    )
-}
-
-/// A JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+pub fn oci_config(marker: &str) -> serde_json::Value {
+    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": ["/bin/sh", "-c", "echo \"$1\"", "sh", marker],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
+                "ambient": caps
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "noNewPrivileges": true
+        },
+        "root": { "path": "rootfs", "readonly": true },
+        "hostname": "ember-bench",
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+              "options": ["nosuid", "noexec", "nodev"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] }
+        ],
+        "linux": {
+            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
-    }
-    out.push('"');
-    out
+    })
 }
 
 /// Quotes a word for a POSIX shell when it needs it.
@@ -299,6 +276,16 @@ pub fn which(name: &str) -> Option<PathBuf> {
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The containers' name; `{id}` makes it unique to each run.
+const CONTAINER: &str = "ember-bench-{id}";
+
+/// `program VERB -f NAME`: removes the container a failed or killed run left behind.
+fn remove_container(program: &Path, verb: &str) -> Vec<String> {
+    [&program.display().to_string(), verb, "-f", CONTAINER]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Builds the command line of `kind`, or says why it cannot run here before trying.
@@ -364,12 +351,7 @@ pub fn candidate(
             let name = kind.name();
             let program = which(name).ok_or_else(|| format!("{name} is not installed"))?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "delete".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "delete");
             Ok(System {
                 kind,
                 program,
@@ -377,7 +359,7 @@ pub fn candidate(
                     "run".into(),
                     "--bundle".into(),
                     bundle.dir.display().to_string(),
-                    "ember-bench-{id}".into(),
+                    CONTAINER.into(),
                 ],
                 note: None,
                 cleanup: Some(cleanup),
@@ -386,12 +368,7 @@ pub fn candidate(
         Kind::Podman => {
             let program = which("podman").ok_or("podman is not installed")?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "rm".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "rm");
             Ok(System {
                 kind,
                 program,
@@ -399,7 +376,7 @@ pub fn candidate(
                     "run",
                     "--rm",
                     "--name",
-                    "ember-bench-{id}",
+                    CONTAINER,
                     // Rootful podman's defaults fail on this kind of host (hybrid cgroups, no
                     // systemd, huge nofile limits); these are the documented knobs.
                     "--cgroup-manager=cgroupfs",
@@ -430,12 +407,7 @@ pub fn candidate(
         Kind::Docker => {
             let program = which("docker").ok_or("docker is not installed")?;
             let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = vec![
-                program.display().to_string(),
-                "rm".into(),
-                "-f".into(),
-                "ember-bench-{id}".into(),
-            ];
+            let cleanup = remove_container(&program, "rm");
             let info = Command::new(&program)
                 .arg("info")
                 .stdin(Stdio::null())
@@ -459,7 +431,7 @@ pub fn candidate(
                     "run",
                     "--rm",
                     "--name",
-                    "ember-bench-{id}",
+                    CONTAINER,
                     "--network",
                     "host",
                     &image,
@@ -627,15 +599,19 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\nd\u{1}"), r#""a\"b\\c\nd\u0001""#);
-    }
-
-    #[test]
     fn oci_config_prints_the_marker_without_a_network_namespace() {
         let c = oci_config("say \"hi\"");
-        assert!(c.contains(r#""args": ["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""]"#));
-        assert!(!c.contains("network"));
-        assert!(c.contains(r#""readonly": true"#));
+        assert_eq!(
+            c["process"]["args"],
+            serde_json::json!(["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""])
+        );
+        let namespaces = c["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(namespaces.len(), 4);
+        assert!(namespaces.iter().all(|n| n["type"] != "network"));
+        assert_eq!(c["root"]["readonly"], true);
+        // What a runtime reads back is what we meant, quotes and all.
+        let text = c.to_string();
+        assert!(!text.contains("network"), "{text}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), c);
     }
 }

@@ -1,5 +1,9 @@
 //! `ember bench`: microVM start-up against container start-up (and QEMU's microvm machine) on
-//! the same machine, the same root filesystem and the same ready line.
+//! the same machine, the same root filesystem and the same ready line. The `ember` CLI execs the
+//! `ember-bench` binary next to it for this subcommand; the benchmark drives Ember only by
+//! spawning `ember run`, as it drives every other system, and uses ember-vmm's library for what
+//! must match Ember exactly (the kind of host, the words a kvm_pvm host adds to a command line,
+//! how a memory size is spelled).
 //!
 //! Three modes. `null`: Ember boots the null test guest (prints its ready line, then resets),
 //! which measures the VMM itself. `linux`: Ember and QEMU boot a Linux kernel with the guest
@@ -11,7 +15,10 @@
 //! machine drift falls on all of them alike.
 
 pub mod chart;
+#[cfg(test)]
+mod fixture;
 pub mod host;
+pub mod json;
 pub mod memory;
 pub mod phases;
 pub mod report;
@@ -23,11 +30,17 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config;
+use ember_vmm::config;
 use host::{Host, KvmKind};
 use systems::{Bundle, Guest, Kind, QemuGuest, Skipped, System};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "ember bench",
+    bin_name = "ember bench",
+    version,
+    about = "Measure microVM start-up against containers (and peers) on the same root filesystem"
+)]
 pub struct BenchArgs {
     /// Rounds; each runs every system once, in rotating order [default: 20 null, 10 banner,
     /// 10 linux (3 on kvm_pvm, where a boot takes ~30 s)].
@@ -96,6 +109,8 @@ pub enum BenchError {
     },
     #[error("Ember itself does not run the {mode} guest here: {reason}")]
     EmberFails { mode: &'static str, reason: String },
+    #[error("cannot encode the report as JSON: {0}")]
+    Json(#[source] serde_json::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,11 +194,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Input(format!("--memory: {e}")))?;
     let wanted = wanted_systems(args.systems.as_deref())?;
     let (modes, mut notes) = modes(&args, host.kvm)?;
-    let ember = std::env::current_exe().map_err(|e| BenchError::Io {
-        what: "locate",
-        path: "the ember binary".into(),
-        source: e,
-    })?;
+    let ember = ember_binary()?;
     let kit = kit_dir();
     let inputs = Inputs {
         rootfs: args.rootfs.clone().unwrap_or_else(|| kit.join("rootfs")),
@@ -223,7 +234,8 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         notes,
     };
     if let Some(path) = &args.json {
-        std::fs::write(path, report::json(&report)).map_err(|e| BenchError::Io {
+        let text = json::to_string(&report).map_err(BenchError::Json)?;
+        std::fs::write(path, text).map_err(|e| BenchError::Io {
             what: "write",
             path: path.clone(),
             source: e,
@@ -293,6 +305,21 @@ fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), Ben
         );
     }
     Ok((out, notes))
+}
+
+/// The `ember` next to this binary: `ember bench` execs us from there, and cargo builds both
+/// into the same directory, so the Ember measured is the one the user ran.
+fn ember_binary() -> Result<PathBuf, BenchError> {
+    let me = std::env::current_exe().map_err(|e| BenchError::Io {
+        what: "locate",
+        path: "the ember-bench binary".into(),
+        source: e,
+    })?;
+    require(
+        me.with_file_name("ember"),
+        "the ember binary next to ember-bench",
+        "build both with `cargo build --release`",
+    )
 }
 
 fn kit_dir() -> PathBuf {
@@ -415,11 +442,11 @@ fn guest_for(mode: Mode, args: &BenchArgs, inputs: &Inputs) -> Result<Guest, Ben
 /// `cmdline` with the words this host needs that Ember adds to its own guests' command line
 /// (none on hardware KVM), so that peers boot the same kernel the same way.
 fn with_host_words(cmdline: &str) -> String {
-    let words: Vec<String> = crate::host::kernel_words_here()
+    let words: Vec<String> = ember_vmm::host::kernel_words_here()
         .into_iter()
         .map(|w| w.word)
         .collect();
-    crate::config::full_cmdline(cmdline, &words).unwrap_or_else(|_| cmdline.to_string())
+    config::full_cmdline(cmdline, &words).unwrap_or_else(|_| cmdline.to_string())
 }
 
 /// The kernel for the linux and banner modes.
@@ -648,15 +675,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The command line this benchmark was started with, quoted for a shell, `ember` first.
+/// The command line that reproduces this benchmark, quoted for a shell: `ember bench` and our
+/// arguments (ember passes its own after `bench` through unchanged).
 fn command_line() -> String {
-    let mut words: Vec<String> = std::env::args().collect();
-    if let Some(first) = words.first_mut() {
-        *first = "ember".into();
-    }
-    words
-        .iter()
-        .map(|w| systems::shell_quote(w))
+    ["ember".to_string(), "bench".to_string()]
+        .into_iter()
+        .chain(std::env::args().skip(1).map(|w| systems::shell_quote(&w)))
         .collect::<Vec<_>>()
         .join(" ")
 }

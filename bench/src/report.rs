@@ -1,11 +1,11 @@
-//! The benchmark's figures as text (stdout) and JSON (`--json`).
+//! The benchmark's figures as text (stdout); json.rs writes the same for `--json`.
 
 use std::fmt::Write as _;
 
-use super::phases::{self, Timeline, PHASES};
-use super::stats::{median_index, Summary};
-use super::systems::{json_string, Kind};
-use super::{Mode, ModeResult, Report, SystemResult};
+use crate::phases::{self, PHASES};
+use crate::stats::{median_index, Summary};
+use crate::systems::Kind;
+use crate::{Mode, ModeResult, SystemResult};
 
 /// The targets for the null guest (medians; own memory from the probe).
 pub const TARGET_READY_MS: f64 = 5.0;
@@ -79,11 +79,16 @@ fn fmt_summary(s: Option<Summary>) -> String {
     }
 }
 
-fn ratio(peer: Option<Summary>, ember: Option<Summary>) -> String {
-    match (peer, ember) {
-        (Some(p), Some(e)) if e.median > 0.0 => format!("{:.2}x", p.median / e.median),
-        _ => "-".into(),
+/// `peer`'s median over `base`'s, when both were measured.
+pub fn median_ratio(peer: Option<Summary>, base: Option<Summary>) -> Option<f64> {
+    match (peer, base) {
+        (Some(p), Some(b)) if b.median > 0.0 => Some(p.median / b.median),
+        _ => None,
     }
+}
+
+fn ratio(peer: Option<Summary>, base: Option<Summary>) -> String {
+    median_ratio(peer, base).map_or("-".into(), |r| format!("{r:.2}x"))
 }
 
 /// One mode's figures as a text table with its notes.
@@ -250,160 +255,4 @@ fn target(what: &str, v: Option<f64>, limit: f64, unit: &str) -> String {
         Some(v) => format!("{what} {v:.2} {unit} >= {limit} {unit}: MISSED"),
         None => format!("{what}: not measured"),
     }
-}
-
-fn json_summary(s: Option<Summary>) -> String {
-    match s {
-        Some(s) => format!(
-            "{{\"min\":{:.3},\"median\":{:.3},\"p90\":{:.3},\"max\":{:.3}}}",
-            s.min, s.median, s.p90, s.max
-        ),
-        None => "null".into(),
-    }
-}
-
-fn json_list(v: &[f64], prec: usize) -> String {
-    let items: Vec<String> = v.iter().map(|x| format!("{x:.prec$}")).collect();
-    format!("[{}]", items.join(","))
-}
-
-fn json_timeline(t: &Timeline) -> String {
-    let f: Vec<String> = PHASES
-        .iter()
-        .zip(t.0.iter())
-        .map(|(k, v)| match v {
-            Some(v) => format!("\"{k}\":{v}"),
-            None => format!("\"{k}\":null"),
-        })
-        .collect();
-    format!("{{{}}}", f.join(","))
-}
-
-/// The whole report as JSON: host, command, and per mode every system's summary, samples and
-/// (Ember) timelines.
-pub fn json(r: &Report) -> String {
-    let mut o = String::new();
-    let h = &r.host;
-    let _ = write!(
-        o,
-        "{{\n  \"date\": {},\n  \"command\": {},\n  \"host\": {{\"kvm\": {}, \"description\": {}, \"cpus\": {}, \"cpu_model\": {}, \"kernel\": {}, \"memory_mib\": {}}},\n  \"notes\": [{}],\n  \"modes\": [",
-        json_string(&h.date),
-        json_string(&r.command),
-        json_string(h.kvm.short()),
-        json_string(h.kvm.describe()),
-        h.cpus,
-        json_string(&h.cpu_model),
-        json_string(&h.kernel),
-        h.memory_mib,
-        r.notes.iter().map(|n| json_string(n)).collect::<Vec<_>>().join(", ")
-    );
-    for (mi, m) in r.modes.iter().enumerate() {
-        let ember = m.ember();
-        let _ = write!(
-            o,
-            "{}\n    {{\n      \"mode\": {},\n      \"guest\": {},\n      \"marker\": {},\n      \"rounds\": {},\n      \"systems\": [",
-            if mi > 0 { "," } else { "" },
-            json_string(m.mode.name()),
-            json_string(&m.guest),
-            json_string(&m.marker),
-            m.rounds
-        );
-        for (si, s) in m.systems.iter().enumerate() {
-            let (good, all) = s.good();
-            let ratios = match (s.kind, ember) {
-                (Kind::Ember, _) | (_, None) => "null".to_string(),
-                (_, Some(e)) => {
-                    let q = |p: Option<Summary>, e: Option<Summary>| match (p, e) {
-                        (Some(p), Some(e)) if e.median > 0.0 => {
-                            format!("{:.3}", p.median / e.median)
-                        }
-                        _ => "null".into(),
-                    };
-                    format!(
-                        "{{\"ready\":{},\"exit\":{},\"rss\":{}}}",
-                        q(s.ready(), e.ready()),
-                        q(s.exit(), e.exit()),
-                        q(s.rss(), e.rss())
-                    )
-                }
-            };
-            let _ = write!(
-                o,
-                "{}\n        {{\"system\": {}, \"command\": {}, \"note\": {}, \"good_runs\": {good}, \"runs\": {all},\n         \"ready_ms\": {}, \"exit_ms\": {}, \"peak_rss_mib\": {}, \"peer_over_ember\": {ratios},\n         \"samples\": {{\"ready_ms\": {}, \"exit_ms\": {}, \"peak_rss_kib\": {}}},\n         \"failures\": [{}]",
-                if si > 0 { "," } else { "" },
-                json_string(s.kind.name()),
-                json_string(&s.command),
-                s.note.as_deref().map_or("null".into(), json_string),
-                json_summary(s.ready()),
-                json_summary(s.exit()),
-                json_summary(s.rss().map(|x| Summary {
-                    min: mib(x.min),
-                    median: mib(x.median),
-                    p90: mib(x.p90),
-                    max: mib(x.max),
-                    ..x
-                })),
-                json_list(&s.ready_ms, 3),
-                json_list(&s.exit_ms, 3),
-                json_list(&s.rss_kib, 0),
-                s.failures.iter().map(|f| json_string(f)).collect::<Vec<_>>().join(", ")
-            );
-            if s.kind == Kind::Ember {
-                let tl: Vec<String> = s.timelines.iter().map(json_timeline).collect();
-                let med: Vec<String> = s
-                    .phase_medians()
-                    .iter()
-                    .map(|(k, v)| format!("{}:{v:.3}", json_string(k)))
-                    .collect();
-                let _ = write!(
-                    o,
-                    ",\n         \"phase_median_ms\": {{{}}},\n         \"timelines_us\": [{}]",
-                    med.join(","),
-                    tl.join(",")
-                );
-            }
-            o.push('}');
-        }
-        o.push_str("\n      ],\n      \"not_run\": [");
-        let sk: Vec<String> = m
-            .skipped
-            .iter()
-            .map(|s| {
-                format!(
-                    "{{\"system\": {}, \"reason\": {}}}",
-                    json_string(s.kind.name()),
-                    json_string(&s.reason)
-                )
-            })
-            .collect();
-        o.push_str(&sk.join(", "));
-        o.push_str("],\n      \"own_memory\": [");
-        let mems: Vec<String> = m
-            .memory
-            .iter()
-            .map(|(k, v)| match v {
-                Ok(v) => format!(
-                    "{{\"system\": {}, \"own_mib\": {:.3}, \"peak_rss_mib\": {:.3}, \"guest_ram_resident_mib\": {:.3}, \"rss_anon_mib\": {:.3}, \"rss_file_mib\": {:.3}, \"own_pss_mib\": {:.3}, \"guest_mapping_mib\": {:.1}, \"runs\": {}}}",
-                    json_string(k.name()),
-                    mib(v.own as f64),
-                    mib(v.peak_rss as f64),
-                    mib(v.guest_rss as f64),
-                    mib(v.rss_anon as f64),
-                    mib(v.rss_file as f64),
-                    mib(v.own_pss as f64),
-                    mib(v.guest_mapping_kib as f64),
-                    v.runs
-                ),
-                Err(e) => format!(
-                    "{{\"system\": {}, \"error\": {}}}",
-                    json_string(k.name()),
-                    json_string(e)
-                ),
-            })
-            .collect();
-        o.push_str(&mems.join(", "));
-        o.push_str("]\n    }");
-    }
-    o.push_str("\n  ]\n}\n");
-    o
 }
