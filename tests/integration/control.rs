@@ -129,32 +129,6 @@ fn tempfile_dir(what: &str) -> std::path::PathBuf {
     dir
 }
 
-/// One HTTP request on the API socket; returns the status and the body.
-fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("the API socket answers");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("a whole reply");
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn the_api_socket_pauses_and_resumes_a_running_guest() {
     let dir = tempfile_dir("api");
@@ -173,21 +147,21 @@ fn the_api_socket_pauses_and_resumes_a_running_guest() {
     wait_for("the counter to reach 3", Duration::from_secs(20), || {
         read(&console).contains(" n=3\n")
     });
-    let (status, body) = http(&sock, "GET", "/", None);
+    let (status, body) = common::http(&sock, "GET", "/", None);
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(info["app_name"], "Ember");
     assert_eq!(info["state"], "Running");
 
     assert_eq!(
-        http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
+        common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
         204
     );
     std::thread::sleep(Duration::from_millis(100));
     let at_pause = read(&console);
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(read(&console), at_pause, "the guest printed while paused");
-    let (_, body) = http(&sock, "GET", "/", None);
+    let (_, body) = common::http(&sock, "GET", "/", None);
     assert!(body.contains(r#""state":"Paused""#), "{body}");
 
     // A client that sends half a request and stalls does not keep the API from the next one.
@@ -195,7 +169,7 @@ fn the_api_socket_pauses_and_resumes_a_running_guest() {
     std::io::Write::write_all(&mut stalled, b"PATCH /vm HTTP/1.1\r\nContent-Le").unwrap();
 
     assert_eq!(
-        http(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).0,
+        common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).0,
         204
     );
     let last = check_counting(&at_pause);
@@ -205,10 +179,10 @@ fn the_api_socket_pauses_and_resumes_a_running_guest() {
     });
     check_counting(&read(&console));
 
-    let (status, body) = http(&sock, "PATCH", "/vm", Some(r#"{"state":"Sleeping"}"#));
+    let (status, body) = common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Sleeping"}"#));
     assert_eq!(status, 400);
     assert!(body.contains("fault_message"), "{body}");
-    assert_eq!(http(&sock, "PUT", "/nothing", Some("{}")).0, 404);
+    assert_eq!(common::http(&sock, "PUT", "/nothing", Some("{}")).0, 404);
 
     // SIGTERM ends it as ever; the socket file goes with it.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

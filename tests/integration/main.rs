@@ -12,3 +12,4 @@ mod guests;
 mod hardening;
 mod kernels;
 mod microvm_kernel;
+mod snapshot;

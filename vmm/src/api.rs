@@ -6,6 +6,8 @@
 //! | `GET /` | `{"app_name":"Ember","id":...,"state":"Running"|"Paused","vmm_version":...}` |
 //! | `PATCH /vm {"state":"Paused"}` | parks every vCPU; 204 once none runs guest code |
 //! | `PATCH /vm {"state":"Resumed"}` | lets them run again; 204 |
+//! | `PUT /snapshot/create {"snapshot_type":"Full","snapshot_path":P,"mem_file_path":M}` | writes a snapshot of the paused VM; 204 |
+//! | `PUT /snapshot/load {"snapshot_path":P,"mem_backend":{"backend_type":"File","backend_path":M},"resume_vm":true}` | on an Ember started with only `--api-sock`: restores the VM, paused unless `resume_vm`; 204 |
 //!
 //! Errors are `{"fault_message": "..."}` with a 4xx status for a bad request and 5xx when Ember
 //! could not do what was asked.
@@ -46,6 +48,15 @@ pub enum Action {
     Describe,
     Pause,
     Resume,
+    SnapshotCreate {
+        snapshot_path: PathBuf,
+        mem_file_path: PathBuf,
+    },
+    SnapshotLoad {
+        snapshot_path: PathBuf,
+        mem_file_path: PathBuf,
+        resume_vm: bool,
+    },
 }
 
 /// The answer: an HTTP status and, unless 204, a JSON body.
@@ -97,6 +108,53 @@ struct VmStateBody {
 enum VmStateName {
     Paused,
     Resumed,
+}
+
+#[derive(Deserialize)]
+enum SnapshotType {
+    Full,
+    Diff,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreateBody {
+    #[serde(default)]
+    snapshot_type: Option<SnapshotType>,
+    snapshot_path: PathBuf,
+    mem_file_path: PathBuf,
+    /// Firecracker's snapshot format version; Ember's files carry their own.
+    #[serde(default)]
+    #[allow(dead_code)]
+    version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemBackend {
+    backend_type: BackendType,
+    backend_path: PathBuf,
+}
+
+#[derive(Deserialize)]
+enum BackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotLoadBody {
+    snapshot_path: PathBuf,
+    #[serde(default)]
+    mem_backend: Option<MemBackend>,
+    /// The older spelling of `mem_backend` with a file.
+    #[serde(default)]
+    mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    resume_vm: bool,
+    #[serde(default)]
+    enable_diff_snapshots: bool,
 }
 
 /// One request in flight to the VM's thread, with where its reply goes.
@@ -303,24 +361,88 @@ fn read_some(stream: &mut impl Read, chunk: &mut [u8]) -> Result<usize, Reply> {
     }
 }
 
+/// The request's JSON body as a `T`, or a 400 that says what the endpoint wants.
+fn json_body<T: serde::de::DeserializeOwned>(req: &Parsed, wants: &str) -> Result<T, Reply> {
+    serde_json::from_slice(&req.body).map_err(|e| {
+        Reply::fault(
+            400,
+            format!("{} {} wants {wants}: {e}", req.method, req.path),
+        )
+    })
+}
+
 /// The action a request asks for, or the reply that refuses it.
 fn route(req: &Parsed) -> Result<Action, Reply> {
     let path = req.path.split('?').next().unwrap_or_default();
     match (req.method.as_str(), path) {
         ("GET", "/") => Ok(Action::Describe),
         ("PATCH", "/vm") => {
-            let body: VmStateBody = serde_json::from_slice(&req.body).map_err(|e| {
-                Reply::fault(
-                    400,
-                    format!("PATCH /vm wants {{\"state\": \"Paused\"|\"Resumed\"}}: {e}"),
-                )
-            })?;
+            let body: VmStateBody = json_body(req, r#"{"state": "Paused"|"Resumed"}"#)?;
             Ok(match body.state {
                 VmStateName::Paused => Action::Pause,
                 VmStateName::Resumed => Action::Resume,
             })
         }
-        (_, "/" | "/vm") => Err(Reply::fault(
+        ("PUT", "/snapshot/create") => {
+            let body: SnapshotCreateBody =
+                json_body(req, r#"{"snapshot_path": ..., "mem_file_path": ...}"#)?;
+            if matches!(body.snapshot_type, Some(SnapshotType::Diff)) {
+                return Err(Reply::fault(
+                    400,
+                    "diff snapshots are not supported; use \"snapshot_type\": \"Full\"",
+                ));
+            }
+            Ok(Action::SnapshotCreate {
+                snapshot_path: body.snapshot_path,
+                mem_file_path: body.mem_file_path,
+            })
+        }
+        ("PUT", "/snapshot/load") => {
+            let body: SnapshotLoadBody = json_body(
+                req,
+                r#"{"snapshot_path": ..., "mem_backend": {"backend_type": "File", "backend_path": ...}}"#,
+            )?;
+            if body.enable_diff_snapshots {
+                return Err(Reply::fault(400, "diff snapshots are not supported"));
+            }
+            let mem_file_path = match (body.mem_backend, body.mem_file_path) {
+                (Some(_), Some(_)) => {
+                    return Err(Reply::fault(
+                        400,
+                        "give mem_backend or mem_file_path, not both",
+                    ))
+                }
+                (
+                    Some(MemBackend {
+                        backend_type: BackendType::File,
+                        backend_path,
+                    }),
+                    None,
+                ) => backend_path,
+                (
+                    Some(MemBackend {
+                        backend_type: BackendType::Uffd,
+                        ..
+                    }),
+                    None,
+                ) => {
+                    return Err(Reply::fault(
+                        400,
+                        "the Uffd memory backend is not supported; use File",
+                    ))
+                }
+                (None, Some(path)) => path,
+                (None, None) => {
+                    return Err(Reply::fault(400, "mem_backend is missing"));
+                }
+            };
+            Ok(Action::SnapshotLoad {
+                snapshot_path: body.snapshot_path,
+                mem_file_path,
+                resume_vm: body.resume_vm,
+            })
+        }
+        (_, "/" | "/vm" | "/snapshot/create" | "/snapshot/load") => Err(Reply::fault(
             405,
             format!("{} is not allowed on {path}", req.method),
         )),
@@ -391,6 +513,48 @@ mod tests {
         // The body is exactly Content-Length bytes: what follows is the next request's.
         let resume = "PATCH /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\":\"Resumed\"}\r\n";
         assert_eq!(route_raw(resume), Ok(Action::Resume));
+        let body = r#"{"snapshot_type":"Full","snapshot_path":"/s","mem_file_path":"/m"}"#;
+        let create = format!(
+            "PUT /snapshot/create HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(
+            route_raw(&create),
+            Ok(Action::SnapshotCreate {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into()
+            })
+        );
+        let body = r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"},"resume_vm":true}"#;
+        let load = format!(
+            "PUT /snapshot/load HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(
+            route_raw(&load),
+            Ok(Action::SnapshotLoad {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                resume_vm: true
+            })
+        );
+        for bad in [
+            r#"{"snapshot_type":"Diff","snapshot_path":"/s","mem_file_path":"/m"}"#,
+            r#"{"snapshot_path":"/s"}"#,
+        ] {
+            let req = format!(
+                "PUT /snapshot/create HTTP/1.1\r\nContent-Length: {}\r\n\r\n{bad}",
+                bad.len()
+            );
+            assert_eq!(route_raw(&req).unwrap_err().status, 400, "{bad}");
+        }
+        let uffd =
+            r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Uffd","backend_path":"/u"}}"#;
+        let req = format!(
+            "PUT /snapshot/load HTTP/1.1\r\nContent-Length: {}\r\n\r\n{uffd}",
+            uffd.len()
+        );
+        assert_eq!(route_raw(&req).unwrap_err().status, 400);
     }
 
     #[test]

@@ -71,6 +71,24 @@ pub struct VmConfig {
     pub seccomp: bool,
 }
 
+/// What a VM's console and threads are given, whether it boots or is restored from a snapshot.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub serial: SerialMode,
+    pub ready_marker: Option<String>,
+    pub seccomp: bool,
+}
+
+impl VmConfig {
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            serial: self.serial.clone(),
+            ready_marker: self.ready_marker.clone(),
+            seccomp: self.seccomp,
+        }
+    }
+}
+
 /// `256M`, `4G`, `1024K`, `65536` (bytes); binary units.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let bad = || ConfigError::BadSize(s.to_string());

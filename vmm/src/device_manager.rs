@@ -19,8 +19,9 @@ use ember_devices::cmos::{Cmos, CMOS_PORT_LEN};
 use ember_devices::i8042::{I8042, I8042_PORT_LEN};
 use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT_LEN};
 use ember_devices::serial::SerialDevice;
+use ember_devices::state::Persist;
 use ember_devices::virtio::mmio::NOTIFY_OFFSET;
-use ember_devices::virtio::{MmioTransport, VirtioDevice};
+use ember_devices::virtio::{Block, MmioState, MmioStateError, MmioTransport, VirtioDevice};
 use ember_devices::{Bus, BusDevice, EventFdTrigger, SharedDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -28,6 +29,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::resources::{ResourceAllocator, ResourceError, MMIO_WINDOW};
+use crate::snapshot::{DevicesSnapshot, VirtioSnapshot};
 use crate::vcpu::{ExitReason, VmControl};
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -60,6 +62,28 @@ pub enum DeviceError {
         #[source]
         source: ember_devices::bus::BusError,
     },
+    #[error("{device}: cannot save its state: {reason}")]
+    Save { device: String, reason: String },
+    #[error("{device}: cannot restore its state: {reason}")]
+    Restore { device: String, reason: String },
+    #[error(
+        "{device}: the snapshot has it at {saved:#x} (IRQ {saved_irq}), this machine would put it at \
+         {given:#x} (IRQ {given_irq})"
+    )]
+    Moved {
+        device: String,
+        saved: u64,
+        saved_irq: u32,
+        given: u64,
+        given_irq: u32,
+    },
+}
+
+fn restore_err(device: &str) -> impl Fn(&dyn std::fmt::Display) -> DeviceError + '_ {
+    move |e| DeviceError::Restore {
+        device: device.into(),
+        reason: e.to_string(),
+    }
 }
 
 /// The eventfds the legacy devices raise to end the VM; the main event loop watches them.
@@ -78,11 +102,22 @@ pub struct LegacyDevices {
     pub pvpanic: Arc<Mutex<PvPanic>>,
 }
 
+/// A virtio transport's state, whatever device is behind it.
+pub trait SaveTransport: Send {
+    fn save_state(&self) -> Result<MmioState, MmioStateError>;
+}
+
+impl<D: VirtioDevice> SaveTransport for MmioTransport<D> {
+    fn save_state(&self) -> Result<MmioState, MmioStateError> {
+        Persist::save(self)
+    }
+}
+
 /// A virtio device as attached: its place, and its transport (the register file on the bus).
 pub struct VirtioSlot {
     pub name: String,
     pub info: MmioDeviceInfo,
-    pub transport: Arc<Mutex<dyn BusDevice>>,
+    pub transport: Arc<Mutex<dyn SaveTransport>>,
 }
 
 pub struct DeviceManager {
@@ -146,11 +181,12 @@ impl DeviceManager {
     }
 
     /// The PC's legacy devices: COM1 (its output to `console`), the CMOS RTC, the i8042 (reset),
-    /// the ACPI PM registers (poweroff) and the pvpanic port.
+    /// the ACPI PM registers (poweroff) and the pvpanic port; new, or as `saved` has them.
     pub fn attach_legacy(
         &mut self,
         vm: &VmFd,
         console: Box<dyn Write + Send>,
+        saved: Option<&DevicesSnapshot>,
     ) -> Result<(LegacyDevices, ExitEvents), DeviceError> {
         let create = |device: &str, what, source| DeviceError::Create {
             device: device.into(),
@@ -170,9 +206,6 @@ impl DeviceManager {
                 what: "KVM_IRQFD",
                 source,
             })?;
-        let serial = Arc::new(Mutex::new(
-            SerialDevice::new(serial_irq, console).map_err(|e| create("COM1", "UART", e))?,
-        ));
         let reset = EventFdTrigger::new().map_err(|e| create("i8042", "reset eventfd", e))?;
         let poweroff = EventFdTrigger::new().map_err(|e| create("ACPI PM", "eventfd", e))?;
         let panicked = EventFdTrigger::new().map_err(|e| create("pvpanic", "eventfd", e))?;
@@ -182,12 +215,38 @@ impl DeviceManager {
             poweroff: EventFd::try_clone(&poweroff).map_err(|e| create("ACPI PM", "eventfd", e))?,
             panicked: EventFd::try_clone(&panicked).map_err(|e| create("pvpanic", "eventfd", e))?,
         };
-        let legacy = LegacyDevices {
-            serial,
-            cmos: Arc::new(Mutex::new(Cmos::new())),
-            i8042: Arc::new(Mutex::new(I8042::new(reset))),
-            acpi_pm: Arc::new(Mutex::new(AcpiPm::new(poweroff, layout::ACPI_S5_SLP_TYP))),
-            pvpanic: Arc::new(Mutex::new(PvPanic::new(panicked))),
+        let legacy = match saved {
+            None => LegacyDevices {
+                serial: Arc::new(Mutex::new(
+                    SerialDevice::new(serial_irq, console)
+                        .map_err(|e| create("COM1", "UART", e))?,
+                )),
+                cmos: Arc::new(Mutex::new(Cmos::new())),
+                i8042: Arc::new(Mutex::new(I8042::new(reset))),
+                acpi_pm: Arc::new(Mutex::new(AcpiPm::new(poweroff, layout::ACPI_S5_SLP_TYP))),
+                pvpanic: Arc::new(Mutex::new(PvPanic::new(panicked))),
+            },
+            Some(s) => LegacyDevices {
+                serial: Arc::new(Mutex::new(
+                    SerialDevice::restore((serial_irq, console), &s.serial)
+                        .map_err(|e| restore_err("COM1")(&e))?,
+                )),
+                cmos: Arc::new(Mutex::new(
+                    Cmos::restore(ember_devices::cmos::host_clock(), &s.cmos)
+                        .map_err(|e| restore_err("CMOS RTC")(&e))?,
+                )),
+                i8042: Arc::new(Mutex::new(
+                    I8042::restore(reset, &s.i8042).map_err(|e| restore_err("i8042")(&e))?,
+                )),
+                acpi_pm: Arc::new(Mutex::new(
+                    AcpiPm::restore(poweroff, &s.acpi_pm)
+                        .map_err(|e| restore_err("ACPI PM")(&e))?,
+                )),
+                pvpanic: Arc::new(Mutex::new(
+                    PvPanic::restore(panicked, &s.pvpanic)
+                        .map_err(|e| restore_err("pvpanic")(&e))?,
+                )),
+            },
         };
         let devices: [(&str, u16, u64, SharedDevice); 5] = [
             ("COM1", layout::COM1_PORT, 8, legacy.serial.clone()),
@@ -240,6 +299,59 @@ impl DeviceManager {
         device: D,
         ctl: &Arc<VmControl>,
     ) -> Result<MmioDeviceInfo, DeviceError> {
+        let transport =
+            MmioTransport::new(mem.clone(), device).map_err(|source| DeviceError::Create {
+                device: name.into(),
+                what: "virtio-mmio transport",
+                source,
+            })?;
+        self.attach_transport(vm, name, transport, None, ctl)
+    }
+
+    /// Attaches the virtio devices of a snapshot, each rebuilt by its type from its state, at
+    /// the places they had.
+    pub fn restore_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        saved: &[VirtioSnapshot],
+        ctl: &Arc<VmControl>,
+    ) -> Result<(), DeviceError> {
+        use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+        for dev in saved {
+            let err = restore_err(&dev.name);
+            let place = MmioDeviceInfo {
+                addr: dev.addr,
+                len: dev.len,
+                irq: dev.irq,
+            };
+            match dev.transport.device_type {
+                VIRTIO_ID_BLOCK => {
+                    let state = ember_devices::state::from_bytes(&dev.transport.device)
+                        .map_err(|e| err(&e))?;
+                    let block = Block::restore((), &state).map_err(|e| err(&e))?;
+                    let transport = MmioTransport::restore((mem.clone(), block), &dev.transport)
+                        .map_err(|e| err(&e))?;
+                    self.attach_transport(vm, &dev.name, transport, Some(place), ctl)?;
+                }
+                other => {
+                    return Err(err(&format!(
+                        "virtio device type {other} is not one Ember has"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_transport<D: VirtioDevice + 'static>(
+        &mut self,
+        vm: &VmFd,
+        name: &str,
+        transport: MmioTransport<D>,
+        expected: Option<MmioDeviceInfo>,
+        ctl: &Arc<VmControl>,
+    ) -> Result<MmioDeviceInfo, DeviceError> {
         let resources = |source| DeviceError::Resources {
             device: name.into(),
             source,
@@ -254,6 +366,19 @@ impl DeviceManager {
             len: MMIO_WINDOW,
             irq,
         };
+        // A restored guest's drivers know their devices where they were: the same grants in the
+        // same order give the same places, and anything else is refused.
+        if let Some(saved) = expected {
+            if saved != info {
+                return Err(DeviceError::Moved {
+                    device: name.into(),
+                    saved: saved.addr,
+                    saved_irq: saved.irq,
+                    given: info.addr,
+                    given_irq: info.irq,
+                });
+            }
+        }
         let kvm = |what, source| DeviceError::Kvm {
             device: name.into(),
             what,
@@ -264,9 +389,7 @@ impl DeviceManager {
             what,
             source,
         };
-        let extra = device.io_subscribers();
-        let transport = MmioTransport::new(mem.clone(), device)
-            .map_err(|e| create("virtio-mmio transport", e))?;
+        let extra = transport.device().io_subscribers();
         vm.register_irqfd(transport.irq_evt(), irq)
             .map_err(|e| kvm("KVM_IRQFD", e))?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
@@ -282,9 +405,10 @@ impl DeviceManager {
         let handler = transport
             .queue_handler()
             .map_err(|e| create("queue handler", e))?;
-        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        let on_bus: Arc<Mutex<dyn BusDevice>> = transport.clone();
         self.mmio
-            .insert(addr, MMIO_WINDOW, transport.clone())
+            .insert(addr, MMIO_WINDOW, on_bus)
             .map_err(|source| DeviceError::Bus {
                 device: name.into(),
                 source,
@@ -300,6 +424,47 @@ impl DeviceManager {
             transport,
         });
         Ok(info)
+    }
+
+    /// Every device's state, for a snapshot of a paused VM. A virtio device's state is taken
+    /// under its request side's lock, so no request is half done in it.
+    pub fn save(&self, legacy: &LegacyDevices) -> Result<DevicesSnapshot, DeviceError> {
+        fn save<T: Persist>(name: &str, dev: &Mutex<T>) -> Result<T::State, DeviceError> {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save()
+                .map_err(|e| DeviceError::Save {
+                    device: name.into(),
+                    reason: e.to_string(),
+                })
+        }
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for v in &self.virtio {
+            let transport = v
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state()
+                .map_err(|e| DeviceError::Save {
+                    device: v.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            virtio.push(VirtioSnapshot {
+                name: v.name.clone(),
+                addr: v.info.addr,
+                len: v.info.len,
+                irq: v.info.irq,
+                transport,
+            });
+        }
+        Ok(DevicesSnapshot {
+            serial: save("COM1", &legacy.serial)?,
+            cmos: save("CMOS RTC", &legacy.cmos)?,
+            i8042: save("i8042", &legacy.i8042)?,
+            acpi_pm: save("ACPI PM", &legacy.acpi_pm)?,
+            pvpanic: save("pvpanic", &legacy.pvpanic)?,
+            virtio,
+        })
     }
 }
 
@@ -419,7 +584,8 @@ mod tests {
         let (vm, mem) = vm_with_memory();
         let ctl = Arc::new(VmControl::new().unwrap());
         let mut dm = DeviceManager::new(false).unwrap();
-        dm.attach_legacy(&vm, Box::new(std::io::sink())).unwrap();
+        dm.attach_legacy(&vm, Box::new(std::io::sink()), None)
+            .unwrap();
         let (_files, configs) = disks(3);
         crate::disks::attach_disks(&mut dm, &vm, &mem, &configs, &ctl).unwrap();
 

@@ -13,6 +13,7 @@ pub mod reaper;
 pub mod resources;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;

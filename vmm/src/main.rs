@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use ember_vmm::config::{self, VmConfig};
+use ember_vmm::config::{self, RunOptions, VmConfig};
 use ember_vmm::error_line;
 use ember_vmm::timeline::{self, Phase};
 use ember_vmm::vcpu::ExitReason;
+use ember_vmm::vmm::Start;
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +42,8 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Kernel: an ELF vmlinux (PVH entry when it has the note), a bzImage, or a static x86_64 ELF.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "api_sock"])]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -55,6 +56,22 @@ struct RunArgs {
     /// Guest memory, e.g. 256M or 4G.
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     memory: String,
+    /// Resume the VM of a snapshot (its state file) instead of booting; needs --mem. The snapshot
+    /// fixes the machine: no --kernel, --initramfs, --cmdline, --cpus, --memory or --disk.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "mem",
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "disk"]
+    )]
+    restore: Option<PathBuf>,
+    /// The snapshot's guest memory file, mapped copy-on-write (with --restore).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    mem: Option<PathBuf>,
+    /// With --restore: map all of the guest's memory before it runs (shared page-cache pages)
+    /// instead of at its first touch of each page.
+    #[arg(long, requires = "restore")]
+    prefault: bool,
     /// Guest console: stdio (the terminal; Ctrl-A x quits), file=PATH, or null.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
@@ -70,15 +87,45 @@ struct RunArgs {
     /// System call filters for Ember's threads: on (default) or off (for debugging).
     #[arg(long, value_name = "on|off", default_value = "on")]
     seccomp: String,
-    /// Serve the HTTP API (JSON; pause, resume, state) on a Unix socket at PATH.
+    /// Serve the HTTP API (JSON; pause, resume, snapshots) on a Unix socket at PATH. Alone, with
+    /// no --kernel or --restore, Ember waits there for a snapshot to load.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn to_config(&self) -> Result<VmConfig, config::ConfigError> {
+    fn run_options(&self) -> Result<RunOptions, config::ConfigError> {
+        Ok(RunOptions {
+            serial: config::parse_serial(&self.serial)?,
+            ready_marker: self.ready_marker.clone(),
+            seccomp: config::parse_seccomp(&self.seccomp)?,
+        })
+    }
+
+    fn to_start(&self) -> Result<Start, config::ConfigError> {
+        match (&self.kernel, &self.restore, &self.mem) {
+            (Some(kernel), _, _) => Ok(Start::Boot(self.to_config(kernel)?)),
+            (None, Some(snapshot), Some(mem)) => Ok(Start::Restore {
+                snapshot: snapshot.clone(),
+                mem: mem.clone(),
+                opts: self.run_options()?,
+                prefault: self.prefault,
+            }),
+            // clap has made sure --api-sock is there.
+            _ => Ok(Start::AwaitLoad(self.run_options()?)),
+        }
+    }
+
+    fn timings(&self) -> Result<Option<config::TimingsFormat>, config::ConfigError> {
+        self.timings
+            .as_deref()
+            .map(config::parse_timings)
+            .transpose()
+    }
+
+    fn to_config(&self, kernel: &std::path::Path) -> Result<VmConfig, config::ConfigError> {
         Ok(VmConfig {
-            kernel: self.kernel.clone(),
+            kernel: kernel.to_path_buf(),
             initramfs: self.initramfs.clone(),
             cmdline: self.cmdline.clone(),
             cpus: config::parse_cpus(&self.cpus)?,
@@ -89,11 +136,7 @@ impl RunArgs {
                 .iter()
                 .map(|d| config::parse_disk(d))
                 .collect::<Result<_, _>>()?,
-            timings: self
-                .timings
-                .as_deref()
-                .map(config::parse_timings)
-                .transpose()?,
+            timings: self.timings()?,
             ready_marker: self.ready_marker.clone(),
             seccomp: config::parse_seccomp(&self.seccomp)?,
         })
@@ -187,7 +230,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Bench { args } => exec_bench(args),
         Command::Run(args) => {
-            let cfg = match args.to_config() {
+            let (start, timings) = match args.to_start().and_then(|s| Ok((s, args.timings()?))) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("ember: error: {}", error_line(&e));
@@ -197,11 +240,11 @@ fn main() -> ExitCode {
             timeline::mark(Phase::ArgsParsed);
             // Opened now: the seccomp filters on from the first guest instruction allow no open.
             let boot_log = boot_log();
-            let outcome = ember_vmm::vmm::run(&cfg, args.api_sock.as_deref());
+            let outcome = ember_vmm::vmm::run(start, args.api_sock.as_deref());
             if timeline::get(Phase::GuestExit).is_none() {
                 timeline::mark(Phase::GuestExit);
             }
-            match cfg.timings {
+            match timings {
                 Some(config::TimingsFormat::Table) => eprint!("{}", timeline::table()),
                 Some(config::TimingsFormat::Json) => eprintln!("{}", timeline::json()),
                 None => {}

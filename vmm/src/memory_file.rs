@@ -124,8 +124,13 @@ pub fn write(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryLayout, MemoryF
 }
 
 /// Maps the file at `path` as guest memory laid out as `layout`, privately: the guest's writes
-/// stay in this process.
-pub fn map(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap, MemoryFileError> {
+/// stay in this process. With `prefault`, every page is mapped now (read from the page cache,
+/// shared with every other mapping of the file) rather than at the guest's first touch.
+pub fn map(
+    path: &Path,
+    layout: &MemoryLayout,
+    prefault: bool,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
     let io_err = |source| MemoryFileError::Io {
         path: path.to_path_buf(),
         source,
@@ -148,12 +153,33 @@ pub fn map(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap, Memory
     for r in &layout.regions {
         let len =
             usize::try_from(r.len).map_err(|_| map_err(format!("region of {} bytes", r.len)))?;
+        // Populating a private writable mapping would copy every page (the kernel breaks
+        // copy-on-write for it); populated read-only and made writable after, the pages stay the
+        // page cache's until the guest writes one.
+        let (prot, populate) = if prefault {
+            (libc::PROT_READ, libc::MAP_POPULATE)
+        } else {
+            (libc::PROT_READ | libc::PROT_WRITE, 0)
+        };
         let mapping = MmapRegionBuilder::new(len)
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE | populate)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
+        if prefault {
+            // SAFETY: the range is exactly the mapping just made, which this region owns.
+            let r = unsafe {
+                libc::mprotect(
+                    mapping.as_ptr().cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if r != 0 {
+                return Err(map_err(format!("mprotect: {}", io::Error::last_os_error())));
+            }
+        }
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| map_err(format!("region at {:#x} wraps around", r.guest_addr)))?;
         regions.push(region);
@@ -194,8 +220,8 @@ mod tests {
             "an existing file is not overwritten"
         );
 
-        let a = map(&path, &layout).unwrap();
-        let b = map(&path, &layout).unwrap();
+        let a = map(&path, &layout, false).unwrap();
+        let b = map(&path, &layout, true).unwrap();
         let mut buf = [0u8; 10];
         a.read_slice(&mut buf, GuestAddress(0x10)).unwrap();
         assert_eq!(&buf, b"first page");
@@ -203,8 +229,12 @@ mod tests {
         a.read_slice(&mut buf, GuestAddress((1 << 32) + 0xfff0))
             .unwrap();
         assert_eq!(&buf, b"high");
-        // One clone's write is its own.
+        // One clone's write is its own, prefaulted or not.
         a.write_slice(b"CLONE A", GuestAddress(0x8_0000)).unwrap();
+        b.write_slice(b"CLONE B", GuestAddress(0x9_0000)).unwrap();
+        let mut buf = [0u8; 7];
+        a.read_slice(&mut buf, GuestAddress(0x9_0000)).unwrap();
+        assert_eq!(buf, [0u8; 7]);
         let mut buf = [0u8; 6];
         b.read_slice(&mut buf, GuestAddress(0x8_0000)).unwrap();
         assert_eq!(&buf, b"middle");
@@ -227,7 +257,7 @@ mod tests {
                 file_offset: 0,
             }],
         };
-        let err = map(&path, &layout).unwrap_err();
+        let err = map(&path, &layout, false).unwrap_err();
         assert!(
             err.to_string()
                 .contains("is 8192 bytes; the snapshot's guest has 1048576"),

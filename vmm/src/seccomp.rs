@@ -63,6 +63,58 @@ pub enum SeccompError {
 
 // ioctl requests, from <linux/kvm.h> and <asm-generic/ioctls.h>.
 const KVM_RUN: u64 = 0xae80;
+
+/// The reads a snapshot makes of a paused VM: each vCPU's state on its own thread, the
+/// irqchip, PIT and clock on the main thread.
+mod snapshot_ioctls {
+    #![allow(non_snake_case)]
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+    const KVMIO: u32 = 0xae;
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+    pub fn vcpu() -> Vec<u64> {
+        vec![
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_FPU(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_XSAVE2(),
+        ]
+    }
+
+    pub fn vm() -> Vec<u64> {
+        vec![KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
+    }
+}
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 
@@ -115,8 +167,21 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_nanosleep,
             ]);
             if kind == ThreadKind::MainWithApi {
-                // The API socket's file goes when Ember does.
-                calls.extend([libc::SYS_unlink, libc::SYS_unlinkat]);
+                calls.extend([
+                    // The API socket's file goes when Ember does.
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    // Snapshots: the state and memory files are created and written.
+                    libc::SYS_openat,
+                    libc::SYS_pwrite64,
+                    libc::SYS_ftruncate,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_statx,
+                    libc::SYS_newfstatat,
+                    libc::SYS_fstat,
+                    libc::SYS_lseek,
+                ]);
             }
         }
         ThreadKind::Api => calls.extend([
@@ -163,11 +228,20 @@ fn conditional_rules(
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u64;
     let no_exec = || cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
-    let ioctl_requests: &[u64] = match kind {
-        ThreadKind::Vcpu => &[KVM_RUN],
-        ThreadKind::Console | ThreadKind::Disk | ThreadKind::Api => &[],
+    let ioctl_requests: Vec<u64> = match kind {
+        // KVM_RUN, and reading the vCPU's state for a snapshot while the VM is paused.
+        ThreadKind::Vcpu => [KVM_RUN]
+            .into_iter()
+            .chain(snapshot_ioctls::vcpu())
+            .collect(),
+        ThreadKind::Console | ThreadKind::Disk | ThreadKind::Api => Vec::new(),
         // Restoring the terminal on exit.
-        ThreadKind::Main | ThreadKind::MainWithApi => &[TCGETS, TCSETS],
+        ThreadKind::Main => vec![TCGETS, TCSETS],
+        // And a snapshot's irqchip, PIT and clock.
+        ThreadKind::MainWithApi => [TCGETS, TCSETS]
+            .into_iter()
+            .chain(snapshot_ioctls::vm())
+            .collect(),
     };
     let mut rules = vec![
         // The allocator maps memory; nothing in Ember maps code after start-up.

@@ -161,6 +161,11 @@ impl VmControl {
         }
     }
 
+    /// Asks for a pause before the vCPU threads exist: each parks before its first `KVM_RUN`.
+    pub fn request_pause(&self) {
+        self.pause_state().requested = true;
+    }
+
     /// Lets paused vCPUs run again; does nothing when none is paused.
     pub fn resume(&self) {
         self.pause_state().requested = false;

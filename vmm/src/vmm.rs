@@ -17,14 +17,16 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{self, SerialMode, VmConfig};
+use crate::config::{self, RunOptions, SerialMode, VmConfig};
 use crate::console::{ConsoleOut, OutputDrain, RawTerminal};
 pub use crate::device_manager::Subscriber;
 use crate::device_manager::{DeviceManager, ExitEvents, LegacyDevices};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::host::{self, HostKind};
+use crate::snapshot::{Machine, Snapshot};
 use crate::timeline::{self, Phase};
 use crate::vcpu::{self, ExitReason, VcpuThread, VmControl};
+use crate::vstate::{SaveContext, VcpuState, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -86,6 +88,14 @@ pub enum VmmError {
     Seccomp(crate::seccomp::SeccompError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    SnapshotFile(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    MemoryFile(#[from] crate::memory_file::MemoryFileError),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
+    #[error("cannot take the snapshot: {0}")]
+    Snapshot(String),
 }
 
 type Result<T> = std::result::Result<T, VmmError>;
@@ -160,7 +170,12 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         size: size >> 20,
         source,
     })?;
-    for (slot, region) in GuestMemoryBackend::iter(&mem).enumerate() {
+    register_memory(vm, &mem)?;
+    Ok(mem)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in GuestMemoryBackend::iter(mem).enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| VmmError::Devices(format!("guest memory region: {e}")))?;
@@ -175,7 +190,7 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmmError::KvmSetup("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 fn open_read(path: &Path) -> Result<File> {
@@ -230,10 +245,10 @@ fn load_kernel(
 }
 
 fn serial_sink(
-    cfg: &VmConfig,
+    opts: &RunOptions,
     ctl: &Arc<VmControl>,
 ) -> Result<(Box<dyn Write + Send>, OutputDrain)> {
-    let sink: Box<dyn Write + Send> = match &cfg.serial {
+    let sink: Box<dyn Write + Send> = match &opts.serial {
         SerialMode::Stdio => Box::new(ConsoleOut::stdout().map_err(|source| VmmError::Open {
             path: "stdout".into(),
             source,
@@ -250,8 +265,13 @@ fn serial_sink(
         ),
         SerialMode::Null => Box::new(io::sink()),
     };
-    let (out, drain) = ConsoleOut::new(sink, cfg.ready_marker.as_deref(), ctl.clone(), cfg.seccomp)
-        .map_err(|e| VmmError::Devices(format!("console output thread: {e}")))?;
+    let (out, drain) = ConsoleOut::new(
+        sink,
+        opts.ready_marker.as_deref(),
+        ctl.clone(),
+        opts.seccomp,
+    )
+    .map_err(|e| VmmError::Devices(format!("console output thread: {e}")))?;
     Ok((Box::new(out), drain))
 }
 
@@ -293,8 +313,12 @@ fn host_words(user_cmdline: &str, vcpu: Option<&kvm_ioctls::VcpuFd>) -> Vec<Stri
 /// ends (on the calling thread), and a [`VmmController`] taken beforehand pauses, resumes or stops
 /// it from any other thread.
 pub struct Vmm {
-    cfg: VmConfig,
+    opts: RunOptions,
+    machine: Machine,
+    kvm: Kvm,
     vm: VmFd,
+    /// What saving a vCPU needs to know about the host; asked for before the filters go on.
+    save_ctx: Option<SaveContext>,
     mem: GuestMemoryMmap,
     devices: DeviceManager,
     legacy: LegacyDevices,
@@ -344,6 +368,33 @@ impl VmmController {
     }
 }
 
+/// A vCPU's saved state as its thread left it: none yet, or what saving gave.
+type SavedVcpu = Option<std::result::Result<VcpuState, String>>;
+
+/// What a booted or a restored VM is made of, before it becomes a `Vmm`.
+struct Parts {
+    opts: RunOptions,
+    machine: Machine,
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    legacy: LegacyDevices,
+    exits: ExitEvents,
+    vcpu_fds: Vec<VcpuFd>,
+    ctl: Arc<VmControl>,
+    output: OutputDrain,
+}
+
+fn create_vcpus(vm: &VmFd, cpus: u8) -> Result<Vec<VcpuFd>> {
+    (0..cpus)
+        .map(|id| {
+            vm.create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))
+        })
+        .collect()
+}
+
 impl Vmm {
     /// Builds the VM from `cfg`, in boot order: check KVM, create the VM, map guest memory, create
     /// the irqchip, load the kernel, attach the devices, create the vCPUs, write the boot
@@ -375,22 +426,15 @@ impl Vmm {
         let (loaded, initrd) = load_kernel(&mem, cfg)?;
         timeline::mark(Phase::KernelLoaded);
 
+        let opts = cfg.run_options();
         let ctl = Arc::new(VmControl::new().map_err(|e| VmmError::Devices(e.to_string()))?);
-        let event_manager: EventManager<Subscriber> =
-            EventManager::new().map_err(VmmError::EventLoop)?;
         let mut devices = DeviceManager::new(cfg.seccomp)?;
-        let (console, output) = serial_sink(cfg, &ctl)?;
-        let (legacy, exits) = devices.attach_legacy(&vm, console)?;
+        let (console, output) = serial_sink(&opts, &ctl)?;
+        let (legacy, exits) = devices.attach_legacy(&vm, console, None)?;
         crate::disks::attach_disks(&mut devices, &vm, &mem, &cfg.disks, &ctl)?;
 
         // vCPUs exist before the command line is written: the TSC frequency comes from one.
-        let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.cpus));
-        for id in 0..cfg.cpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmmError::KvmSetup("KVM_CREATE_VCPU", e))?;
-            vcpu_fds.push(fd);
-        }
+        let vcpu_fds = create_vcpus(&vm, cfg.cpus)?;
         let mut words = host_words(&cfg.cmdline, vcpu_fds.first());
         words.extend(devices.cmdline_words());
         let cmdline = config::full_cmdline(&cfg.cmdline, &words)?;
@@ -403,10 +447,6 @@ impl Vmm {
         };
         params::configure_system(&mem, &loaded, &setup).map_err(VmmError::Boot)?;
 
-        let terminal = match cfg.serial {
-            SerialMode::Stdio => RawTerminal::enter().unwrap_or(None),
-            _ => None,
-        };
         let host_cpu =
             ember_boot::cpu::HostCpu::query(&kvm).map_err(|e| VmmError::VcpuSetup(0, e))?;
         let policy = ember_boot::cpu::CpuidPolicy {
@@ -417,23 +457,119 @@ impl Vmm {
             ember_boot::cpu::configure_vcpu(&host_cpu, fd, id, cfg.cpus, &loaded, &mem, policy)
                 .map_err(|e| VmmError::VcpuSetup(id, e))?;
         }
-        let mut vmm = Vmm {
-            cfg: cfg.clone(),
+        let machine = Machine {
+            cpus: cfg.cpus,
+            memory: cfg.memory,
+        };
+        Vmm::assemble(Parts {
+            opts,
+            machine,
+            kvm,
             vm,
             mem,
             devices,
             legacy,
+            exits,
             vcpu_fds,
-            vcpus: Vec::new(),
             ctl,
-            event_manager,
-            exits: Some(exits),
-            signal_evt: None,
             output,
+        })
+    }
+
+    /// A VM as a snapshot has it (see `snapshot` and `memory_file`): the same machine, its RAM
+    /// mapped privately from `mem_path`, every device and vCPU as it was. It goes on from its next
+    /// instruction when run; nothing is booted.
+    pub fn restore(
+        snapshot_path: &Path,
+        mem_path: &Path,
+        opts: &RunOptions,
+        prefault: bool,
+    ) -> Result<Vmm> {
+        let snapshot = Snapshot::read(snapshot_path)?;
+        let machine = snapshot.machine.clone();
+        if snapshot.vcpus.len() != usize::from(machine.cpus) {
+            return Err(VmmError::Restore(format!(
+                "the snapshot has {} vCPU states for {} vCPUs",
+                snapshot.vcpus.len(),
+                machine.cpus
+            )));
+        }
+        if snapshot.memory.total() != machine.memory {
+            return Err(VmmError::Restore(format!(
+                "the snapshot's memory layout has {} bytes for a {}-byte guest",
+                snapshot.memory.total(),
+                machine.memory
+            )));
+        }
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
+        timeline::mark(Phase::VmCreated);
+        let mem = crate::memory_file::map(mem_path, &snapshot.memory, prefault)?;
+        register_memory(&vm, &mem)?;
+        create_irqchip(&vm)?;
+        snapshot
+            .vm
+            .restore(&vm)
+            .map_err(|e| VmmError::Restore(e.to_string()))?;
+        timeline::mark(Phase::MemoryMapped);
+
+        let ctl = Arc::new(VmControl::new().map_err(|e| VmmError::Devices(e.to_string()))?);
+        let mut devices = DeviceManager::new(opts.seccomp)?;
+        let (console, output) = serial_sink(opts, &ctl)?;
+        let (legacy, exits) = devices.attach_legacy(&vm, console, Some(&snapshot.devices))?;
+        devices.restore_virtio(&vm, &mem, &snapshot.devices.virtio, &ctl)?;
+
+        let vcpu_fds = create_vcpus(&vm, machine.cpus)?;
+        let ctx = SaveContext::query(&kvm, &vm).map_err(|e| VmmError::Restore(e.to_string()))?;
+        for (id, (fd, state)) in vcpu_fds.iter().zip(&snapshot.vcpus).enumerate() {
+            state
+                .restore(fd, &ctx)
+                .map_err(|e| VmmError::Restore(format!("vCPU {id}: {e}")))?;
+        }
+        let mut vmm = Vmm::assemble(Parts {
+            opts: opts.clone(),
+            machine,
+            kvm,
+            vm,
+            mem,
+            devices,
+            legacy,
+            exits,
+            vcpu_fds,
+            ctl,
+            output,
+        })?;
+        vmm.save_ctx = Some(ctx);
+        Ok(vmm)
+    }
+
+    fn assemble(p: Parts) -> Result<Vmm> {
+        let terminal = match p.opts.serial {
+            SerialMode::Stdio => RawTerminal::enter().unwrap_or(None),
+            _ => None,
+        };
+        let event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(VmmError::EventLoop)?;
+        let mut vmm = Vmm {
+            opts: p.opts,
+            machine: p.machine,
+            kvm: p.kvm,
+            vm: p.vm,
+            save_ctx: None,
+            mem: p.mem,
+            devices: p.devices,
+            legacy: p.legacy,
+            vcpu_fds: p.vcpu_fds,
+            vcpus: Vec::new(),
+            ctl: p.ctl,
+            event_manager,
+            exits: Some(p.exits),
+            signal_evt: None,
+            output: p.output,
             terminal,
             api: None,
         };
-        if vmm.cfg.serial == SerialMode::Stdio {
+        if vmm.opts.serial == SerialMode::Stdio {
             let input = ConsoleInput::new(
                 vmm.legacy.serial.clone(),
                 vmm.ctl.clone(),
@@ -445,6 +581,63 @@ impl Vmm {
         }
         timeline::mark(Phase::DevicesReady);
         Ok(vmm)
+    }
+
+    /// Writes a snapshot of the paused VM: its state to `snapshot_path` and its RAM to
+    /// `mem_path` (neither may exist yet). The VM stays paused; on failure neither file is left.
+    pub fn snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<()> {
+        if !self.ctl.is_paused() {
+            return Err(VmmError::Snapshot("pause the VM first".into()));
+        }
+        for path in [snapshot_path, mem_path] {
+            if path.symlink_metadata().is_ok() {
+                return Err(VmmError::Snapshot(format!(
+                    "{} exists already; a snapshot never overwrites a file (clones may map it)",
+                    path.display()
+                )));
+            }
+        }
+        let ctx = match &self.save_ctx {
+            Some(ctx) => ctx.clone(),
+            None => SaveContext::query(&self.kvm, &self.vm)
+                .map_err(|e| VmmError::Snapshot(e.to_string()))?,
+        };
+        let count = usize::from(self.machine.cpus);
+        let saved: Arc<Mutex<Vec<SavedVcpu>>> = Arc::new(Mutex::new(vec![None; count]));
+        let slots = saved.clone();
+        let job: vcpu::VcpuJob = Arc::new(move |id, fd| {
+            let state = VcpuState::save(fd, &ctx).map_err(|e| e.to_string());
+            let mut slots = slots.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = slots.get_mut(usize::from(id)) {
+                *slot = Some(state);
+            }
+        });
+        self.ctl.on_each_parked_vcpu(job, PAUSE_PATIENCE)?;
+        let vcpus = std::mem::take(&mut *saved.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .enumerate()
+            .map(|(id, s)| match s {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(VmmError::Snapshot(format!("vCPU {id}: {e}"))),
+                None => Err(VmmError::Snapshot(format!("vCPU {id} saved nothing"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vm = VmState::save(&self.vm).map_err(|e| VmmError::Snapshot(e.to_string()))?;
+        let devices = self.devices.save(&self.legacy)?;
+        let memory = crate::memory_file::write(&self.mem, mem_path)?;
+        let snapshot = Snapshot {
+            machine: self.machine.clone(),
+            memory,
+            vm,
+            vcpus,
+            devices,
+        };
+        if let Err(e) = snapshot.write(snapshot_path) {
+            let _ = std::fs::remove_file(mem_path);
+            let _ = std::fs::remove_file(snapshot_path);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Lets the process's stop signals (SIGINT, SIGTERM, SIGHUP, ...) end the VM with
@@ -461,7 +654,7 @@ impl Vmm {
     pub fn defer_teardown(&self) {
         use std::os::fd::AsRawFd;
         // Not fatal: without the reaper Ember only exits later.
-        if let Err(e) = crate::reaper::spawn(self.vm.as_raw_fd(), self.cfg.seccomp) {
+        if let Err(e) = crate::reaper::spawn(self.vm.as_raw_fd(), self.opts.seccomp) {
             log::warn!("VM teardown will delay Ember's exit: cannot fork the reaper: {e}");
         }
     }
@@ -469,6 +662,14 @@ impl Vmm {
     /// Answers the API socket's requests (see `api::serve`) while the VM runs; the socket file
     /// is removed when the VM ends.
     pub fn attach_api(&mut self, channel: crate::api::ApiChannel) -> Result<()> {
+        // A snapshot asks KVM about the host's MSRs and XSAVE size: done now, before the main
+        // thread's filter allows no such ioctl.
+        if self.save_ctx.is_none() {
+            self.save_ctx = Some(
+                SaveContext::query(&self.kvm, &self.vm)
+                    .map_err(|e| VmmError::Snapshot(e.to_string()))?,
+            );
+        }
         let wake = channel
             .wake
             .try_clone()
@@ -480,7 +681,7 @@ impl Vmm {
     }
 
     /// Carries out the API requests waiting, on the thread that runs the VM.
-    fn answer_api(&mut self) {
+    fn answer_api(&self) {
         let Some(api) = &self.api else { return };
         while let Ok(req) = api.requests.try_recv() {
             let reply = match req.action {
@@ -503,6 +704,24 @@ impl Vmm {
                     self.ctl.resume();
                     crate::api::Reply::no_content()
                 }
+                crate::api::Action::SnapshotCreate {
+                    snapshot_path,
+                    mem_file_path,
+                } => match self.snapshot(&snapshot_path, &mem_file_path) {
+                    Ok(()) => crate::api::Reply::no_content(),
+                    Err(e) => {
+                        let status = match e {
+                            VmmError::Snapshot(_) => 400,
+                            _ => 500,
+                        };
+                        crate::api::Reply::fault(status, crate::error_line(&e))
+                    }
+                },
+                crate::api::Action::SnapshotLoad { .. } => crate::api::Reply::fault(
+                    400,
+                    "a VM runs here already; load a snapshot into an Ember started with only \
+                     --api-sock",
+                ),
             };
             let _ = req.reply.send(reply);
         }
@@ -522,6 +741,12 @@ impl Vmm {
         &self.devices
     }
 
+    /// Starts the VM paused when it runs: its vCPUs park before their first instruction, until
+    /// a resume.
+    pub fn start_paused(&self) {
+        self.ctl.request_pause();
+    }
+
     /// Starts the vCPU threads; the guest runs from here.
     fn start(&mut self) -> Result<()> {
         vcpu::install_kick_handler()?;
@@ -532,7 +757,7 @@ impl Vmm {
                 self.devices.pio.clone(),
                 self.devices.mmio.clone(),
                 self.ctl.clone(),
-                self.cfg.seccomp,
+                self.opts.seccomp,
             )?);
         }
         vcpu::register_threads(&self.ctl, &self.vcpus);
@@ -560,7 +785,7 @@ impl Vmm {
         // controls.
         let mut failure = match started {
             Err(e) => Some(e),
-            Ok(()) if self.cfg.seccomp => {
+            Ok(()) if self.opts.seccomp => {
                 let kind = if self.api.is_some() {
                     crate::seccomp::ThreadKind::MainWithApi
                 } else {
@@ -616,18 +841,105 @@ impl Vmm {
     }
 }
 
-/// What `ember run` does: builds the VM from `cfg` and runs it to the end, ended also by the
-/// process's signals. Returns why the guest stopped.
-pub fn run(cfg: &VmConfig, api_sock: Option<&Path>) -> Result<ExitReason> {
+/// How `ember run` gets its VM.
+pub enum Start {
+    /// Boot a kernel.
+    Boot(VmConfig),
+    /// Restore a snapshot and run it at once.
+    Restore {
+        snapshot: PathBuf,
+        mem: PathBuf,
+        opts: RunOptions,
+        prefault: bool,
+    },
+    /// Wait on the API socket for `PUT /snapshot/load`.
+    AwaitLoad(RunOptions),
+}
+
+/// What `ember run` does: gets the VM (boots, restores, or waits to be told what to restore),
+/// runs it to the end, ended also by the process's signals. Returns why the guest stopped.
+pub fn run(start: Start, api_sock: Option<&Path>) -> Result<ExitReason> {
+    let seccomp = match &start {
+        Start::Boot(cfg) => cfg.seccomp,
+        Start::Restore { opts, .. } | Start::AwaitLoad(opts) => opts.seccomp,
+    };
     // The socket first: a path in use is refused before anything is built.
     let api = api_sock
-        .map(|path| crate::api::serve(path, cfg.seccomp))
+        .map(|path| crate::api::serve(path, seccomp))
         .transpose()?;
-    let mut vmm = Vmm::build(cfg)?;
+    let mut vmm = match start {
+        Start::Boot(cfg) => Vmm::build(&cfg)?,
+        Start::Restore {
+            snapshot,
+            mem,
+            opts,
+            prefault,
+        } => Vmm::restore(&snapshot, &mem, &opts, prefault)?,
+        Start::AwaitLoad(opts) => {
+            let Some(api) = api.as_ref() else {
+                return Err(VmmError::Restore(
+                    "nothing to run: give --kernel, --restore or --api-sock".into(),
+                ));
+            };
+            match await_load(api, &opts)? {
+                Loaded::Vmm(vmm) => *vmm,
+                Loaded::Signal(signo) => return Ok(ExitReason::Signal(signo)),
+            }
+        }
+    };
     vmm.defer_teardown();
     vmm.watch_signals()?;
     if let Some(api) = api {
         vmm.attach_api(api)?;
     }
     vmm.run()
+}
+
+enum Loaded {
+    Vmm(Box<Vmm>),
+    Signal(i32),
+}
+
+/// Answers the API until a `PUT /snapshot/load` restores a VM (or a signal ends Ember). A load
+/// that fails is answered with its error and leaves nothing behind: the next may succeed.
+fn await_load(api: &crate::api::ApiChannel, opts: &RunOptions) -> Result<Loaded> {
+    use crate::api::{Action, InstanceInfo, Reply};
+    let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Devices(e.to_string()))?;
+    crate::signals::install(&signal_evt);
+    loop {
+        if let Some(signo) = crate::signals::first() {
+            return Ok(Loaded::Signal(signo));
+        }
+        let req = match api.requests.recv_timeout(Duration::from_millis(20)) {
+            Ok(req) => req,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(VmmError::Restore("the API thread stopped".into()))
+            }
+        };
+        let reply = match req.action {
+            Action::Describe => Reply::ok(InstanceInfo {
+                app_name: "Ember".into(),
+                id: format!("ember-{}", std::process::id()),
+                state: "Not started".into(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Action::SnapshotLoad {
+                snapshot_path,
+                mem_file_path,
+                resume_vm,
+            } => match Vmm::restore(&snapshot_path, &mem_file_path, opts, false) {
+                Ok(vmm) => {
+                    if !resume_vm {
+                        vmm.start_paused();
+                    }
+                    let _ = req.reply.send(Reply::no_content());
+                    return Ok(Loaded::Vmm(Box::new(vmm)));
+                }
+                Err(e) => Reply::fault(400, crate::error_line(&e)),
+            },
+            _ => Reply::fault(400, "no VM yet: load a snapshot first (PUT /snapshot/load)"),
+        };
+        let _ = req.reply.send(reply);
+    }
 }
