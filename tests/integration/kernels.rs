@@ -36,7 +36,7 @@ fn cmdline(marker: &str) -> String {
 
 /// Real-kernel boots are CPU-bound for tens of seconds on slow hosts; two at once on a 2-core
 /// machine only make each slower and their timings meaningless.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+pub(crate) static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// One expected console line: every needle must appear on the same line.
 struct Expect {

@@ -456,3 +456,148 @@ fn a_snapshot_never_overwrites_a_file_and_needs_a_paused_vm() {
     common::stop(&mut vm.child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A line the guest printed itself, not the terminal's echo of the command that printed it.
+fn printed(line: &str, text: &str) -> bool {
+    line.trim() == text
+}
+
+/// Ember's microVM kernel at its shell prompt, with an ext4 disk it wrote to: snapshotted, ended,
+/// restored in a new process, where the shell answers what is typed, writes a second file and
+/// powers off. The host then finds both files in the image and e2fsck finds it clean.
+#[test]
+fn a_linux_guest_snapshotted_at_its_shell_answers_after_restore_and_its_disk_is_consistent() {
+    const TEST: &str =
+        "a_linux_guest_snapshotted_at_its_shell_answers_after_restore_and_its_disk_is_consistent";
+    let _one = crate::kernels::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("linux");
+    let img = dir.join("disk.ext4");
+    std::fs::copy(common::kit_file("rootfs.ext4"), &img).unwrap();
+    let sock = dir.join("api.sock");
+    let kernel = common::microvm_kernel("vmlinux");
+    let initramfs = common::kit_file("initramfs.cpio");
+    let disk = format!("path={}", img.display());
+    let token = std::process::id();
+    let mut vm = Console::spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1 pci=off",
+        "--disk",
+        &disk,
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    let boot = Duration::from_secs(180);
+    vm.wait_for("the disk mounted", boot, |l| {
+        l.contains("ember-kit: mounted vda")
+    });
+    vm.type_in(&format!(
+        "echo before-{token} >/mnt/before.txt; sync; echo ember-snap-before-done\n"
+    ));
+    vm.wait_for("the first write", Duration::from_secs(60), |l| {
+        printed(l, "ember-snap-before-done")
+    });
+    // The shell is back at its prompt, waiting for input.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
+        204
+    );
+    let body = format!(
+        r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+        dir.join("snap").display(),
+        dir.join("mem").display()
+    );
+    let (status, reply) = common::http(&sock, "PUT", "/snapshot/create", Some(&body));
+    assert_eq!(status, 204, "{TEST}: {reply}");
+    common::stop(&mut vm.child);
+
+    let restored_at = Instant::now();
+    let args = restore_args(&dir, "snap", "mem");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut clone = Console::spawn(&args);
+    clone.type_in("echo ember-snap-answer $((6*7))\n");
+    clone.wait_for("the shell's answer", Duration::from_secs(60), |l| {
+        printed(l, "ember-snap-answer 42")
+    });
+    let answered = restored_at.elapsed();
+    clone.type_in(&format!(
+        "echo after-{token} >/mnt/after.txt; sync; umount /mnt; echo ember-snap-after-done\n"
+    ));
+    clone.wait_for("the second write", Duration::from_secs(60), |l| {
+        printed(l, "ember-snap-after-done")
+    });
+    clone.type_in("poweroff -f\n");
+    let status = clone.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{TEST}: {:?}", clone.seen);
+    eprintln!(
+        "{TEST}: restored shell answered {:.2} s after spawn",
+        answered.as_secs_f64()
+    );
+
+    for (file, want) in [("/before.txt", "before"), ("/after.txt", "after")] {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("cat {file}")])
+            .arg(&img)
+            .output()
+            .expect("debugfs (e2fsprogs)");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{want}-{token}\n"),
+            "{TEST}: {file} in the image"
+        );
+    }
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck (e2fsprogs)");
+    assert_eq!(
+        fsck.status.code(),
+        Some(0),
+        "{TEST}: e2fsck -fn is not clean\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A read-write disk is locked by the first Ember that opens it; a clone of a snapshot with that
+/// disk is refused while another clone runs, with the lock error, and nothing starts.
+#[test]
+fn a_second_clone_of_a_snapshot_with_a_read_write_disk_is_refused_with_the_lock_error() {
+    let dir = scratch("disk-lock");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk = format!("path={}", img.display());
+    snapshot_of_counter(&dir, &["--disk", &disk]);
+    let args = restore_args(&dir, "snap", "mem");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut first = Console::spawn(&args);
+    first.wait_for("a count", Duration::from_secs(10), |l| {
+        count_line(l).is_some()
+    });
+    let second = common::run_ember(&args, b"", Duration::from_secs(20));
+    let err = second.user_error();
+    assert!(err.contains(&img.display().to_string()), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    first.type_in("q");
+    assert_eq!(first.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    // With the first gone, the disk is free again: and a missing disk is one clear error.
+    std::fs::remove_file(&img).unwrap();
+    let gone = common::run_ember(&args, b"", Duration::from_secs(20));
+    assert!(
+        gone.user_error().contains("No such file"),
+        "{}",
+        gone.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
