@@ -1,0 +1,253 @@
+//! `ember-agent`: the guest side of `ember exec`. As the guest's init (PID 1, from the initramfs
+//! `ember exec` builds) it mounts the root disk the kernel command line names
+//! (`ember.agent.root=/dev/vda`) and the usual filesystems in it, enters it, listens on vsock port
+//! 52, runs the one command it is sent, streams its output back as it comes, reports how it
+//! ended, and powers the VM off. `--listen-unix PATH` serves one request on a Unix socket instead,
+//! without touching the system (how its tests run it on the host).
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+use ember_agent::{Outcome, Request, AGENT_PORT, FRAME_STDERR, FRAME_STDOUT};
+
+fn log(msg: &str) {
+    // The console: the kernel gives PID 1 /dev/console as stdout.
+    let _ = writeln!(io::stdout(), "ember-agent: {msg}");
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount {fstype} {source} on {target}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The value of `key=` on the kernel command line.
+fn kernel_param(key: &str) -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+/// As init: the kernel's filesystems, the root disk, and into it.
+fn become_init() -> io::Result<()> {
+    mount("proc", "/proc", "proc", 0)?;
+    let root = kernel_param("ember.agent.root");
+    let base = if root.is_some() { "/newroot" } else { "" };
+    if let Some(dev) = &root {
+        mount("devtmpfs", "/dev", "devtmpfs", 0)?;
+        mount(dev, "/newroot", "ext4", 0)?;
+    }
+    mount("proc", &format!("{base}/proc"), "proc", 0)?;
+    mount("sysfs", &format!("{base}/sys"), "sysfs", 0)?;
+    mount("devtmpfs", &format!("{base}/dev"), "devtmpfs", 0)?;
+    mount("tmpfs", &format!("{base}/tmp"), "tmpfs", 0)?;
+    if root.is_some() {
+        let dir = cstr("/newroot")?;
+        // SAFETY: a valid path; chroot and chdir take no other arguments.
+        if unsafe { libc::chroot(dir.as_ptr()) } != 0 || unsafe { libc::chdir(c"/".as_ptr()) } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn check(r: libc::c_int, what: &str) -> io::Result<libc::c_int> {
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(r)
+}
+
+/// One accepted connection on AF_VSOCK port `AGENT_PORT`.
+fn accept_vsock() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket calls on descriptors this function owns.
+    unsafe {
+        let fd = check(
+            libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0),
+            "socket(AF_VSOCK)",
+        )?;
+        let listener = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = AGENT_PORT;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        check(
+            libc::bind(
+                listener.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            ),
+            "bind",
+        )?;
+        check(libc::listen(listener.as_raw_fd(), 1), "listen")?;
+        log(&format!("listening on vsock port {AGENT_PORT}"));
+        let conn = check(
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            ),
+            "accept",
+        )?;
+        Ok(OwnedFd::from_raw_fd(conn))
+    }
+}
+
+/// Runs `req`, writing its output to `out` as it comes; returns how it ended.
+fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::ProtoError> {
+    let Some(program) = req.argv.first() else {
+        return Ok(Outcome::Failed("no command given".into()));
+    };
+    if !std::path::Path::new(&req.cwd).is_dir() {
+        return Ok(Outcome::Failed(format!("no directory {}", req.cwd)));
+    }
+    let spawned = Command::new(program)
+        .args(&req.argv[1..])
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&req.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Outcome::NotFound(program.clone()))
+        }
+        Err(e)
+            if e.kind() == io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(libc::ENOEXEC) =>
+        {
+            return Ok(Outcome::NotExecutable(format!("{program}: {e}")))
+        }
+        Err(e) => return Ok(Outcome::Failed(format!("{program}: {e}"))),
+    };
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Ok(Outcome::Failed("no pipes to the command".into()));
+    };
+    let mut streams: Vec<(RawFd, u8, Box<dyn Read>)> = vec![
+        (stdout.as_raw_fd(), FRAME_STDOUT, Box::new(stdout)),
+        (stderr.as_raw_fd(), FRAME_STDERR, Box::new(stderr)),
+    ];
+    let mut buf = vec![0u8; ember_agent::MAX_FRAME];
+    while !streams.is_empty() {
+        let mut fds: Vec<libc::pollfd> = streams
+            .iter()
+            .map(|(fd, _, _)| libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        let mut closed = Vec::new();
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            let (_, kind, reader) = &mut streams[i];
+            match reader.read(&mut buf) {
+                Ok(0) => closed.push(i),
+                Ok(n) => ember_agent::write_output(out, *kind, &buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => closed.push(i),
+            }
+        }
+        for i in closed.into_iter().rev() {
+            streams.remove(i);
+        }
+    }
+    let status = child.wait()?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => Outcome::Exited(code),
+        (None, Some(sig)) => Outcome::Signalled(sig),
+        (None, None) => Outcome::Failed(format!("ended as {status:?}")),
+    })
+}
+
+fn serve(conn: &mut (impl Read + Write)) -> Result<(), ember_agent::ProtoError> {
+    let req = ember_agent::read_request(conn)?;
+    let outcome = run(&req, conn)?;
+    ember_agent::write_exit(conn, &outcome)
+}
+
+fn poweroff() -> ! {
+    // SAFETY: sync and reboot take no pointers; reboot does not return on success.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // Only if the kernel refused: an init that exits panics the kernel, which ends the VM too.
+    std::process::exit(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = args.as_slice() {
+        if flag == "--listen-unix" {
+            let code = match serve_unix(path) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ember-agent: {e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid1 = unsafe { libc::getpid() } == 1;
+    if !pid1 {
+        eprintln!("ember-agent: runs as a microVM's init (or with --listen-unix PATH for tests)");
+        std::process::exit(2);
+    }
+    if let Err(e) = become_init() {
+        log(&format!("cannot set up the guest: {e}"));
+        poweroff();
+    }
+    match accept_vsock() {
+        Ok(fd) => {
+            let mut conn = std::fs::File::from(fd);
+            if let Err(e) = serve(&mut conn) {
+                log(&format!("the request failed: {e}"));
+            }
+        }
+        Err(e) => log(&format!("cannot listen: {e}")),
+    }
+    poweroff();
+}
+
+fn serve_unix(path: &str) -> io::Result<()> {
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let (mut conn, _) = listener.accept()?;
+    serve(&mut conn).map_err(|e| io::Error::other(e.to_string()))
+}

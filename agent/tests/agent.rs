@@ -1,0 +1,125 @@
+//! The agent on the host (`--listen-unix`): the same request handling it does in a microVM, checked
+//! against what `ember exec` promises: exit statuses, signals, streams complete and in order,
+//! binary output byte-exact, and the not-found / not-executable cases.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use ember_agent::{Frame, Outcome, Request};
+
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+}
+
+fn start() -> Agent {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let sock = std::env::temp_dir().join(format!("ember-agent-{}-{n}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(env!("CARGO_BIN_EXE_ember-agent"))
+        .arg("--listen-unix")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the agent did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Agent { child, sock }
+}
+
+/// Runs `argv` through the agent; returns stdout, stderr and the outcome.
+fn exec(argv: &[&str]) -> (Vec<u8>, Vec<u8>, Outcome) {
+    exec_in(argv, "/")
+}
+
+fn exec_in(argv: &[&str], cwd: &str) -> (Vec<u8>, Vec<u8>, Outcome) {
+    let mut agent = start();
+    let mut conn = UnixStream::connect(&agent.sock).unwrap();
+    let req = Request {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: cwd.into(),
+    };
+    ember_agent::write_request(&mut conn, &req).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let outcome = loop {
+        match ember_agent::read_frame(&mut conn).unwrap() {
+            Some(Frame::Stdout(d)) => out.extend(d),
+            Some(Frame::Stderr(d)) => err.extend(d),
+            Some(Frame::Exit(o)) => break o,
+            None => panic!("the agent closed without an outcome"),
+        }
+    };
+    assert!(agent.child.wait().unwrap().success());
+    let _ = std::fs::remove_file(&agent.sock);
+    (out, err, outcome)
+}
+
+#[test]
+fn exit_statuses_and_signals_come_back() {
+    assert_eq!(exec(&["true"]).2, Outcome::Exited(0));
+    assert_eq!(exec(&["false"]).2, Outcome::Exited(1));
+    assert_eq!(exec(&["sh", "-c", "exit 42"]).2, Outcome::Exited(42));
+    assert_eq!(exec(&["sh", "-c", "kill -9 $$"]).2, Outcome::Signalled(9));
+}
+
+#[test]
+fn ten_thousand_lines_arrive_complete_and_in_order_per_stream() {
+    let script = "i=1; while [ $i -le 10000 ]; do echo out $i; if [ $((i % 100)) = 0 ]; then echo err $i >&2; fi; i=$((i+1)); done";
+    let (out, err, outcome) = exec(&["sh", "-c", script]);
+    assert_eq!(outcome, Outcome::Exited(0));
+    let want: String = (1..=10000).map(|i| format!("out {i}\n")).collect();
+    assert_eq!(String::from_utf8(out).unwrap(), want);
+    let want_err: String = (1..=100).map(|i| format!("err {}\n", i * 100)).collect();
+    assert_eq!(String::from_utf8(err).unwrap(), want_err);
+}
+
+#[test]
+fn binary_output_is_byte_exact() {
+    let dir = std::env::temp_dir().join(format!("ember-agent-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let file = dir.join("blob");
+    std::fs::write(&file, &data).unwrap();
+    let (out, _, outcome) = exec(&["cat", file.to_str().unwrap()]);
+    assert_eq!(outcome, Outcome::Exited(0));
+    assert!(
+        out == data,
+        "cat's output differs ({} bytes vs {})",
+        out.len(),
+        data.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_and_unrunnable_commands_are_told_apart() {
+    assert!(matches!(
+        exec(&["no-such-command-ember"]).2,
+        Outcome::NotFound(_)
+    ));
+    let dir = std::env::temp_dir().join(format!("ember-agent-noexec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("script");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    assert!(matches!(
+        exec(&[script.to_str().unwrap()]).2,
+        Outcome::NotExecutable(_)
+    ));
+    assert!(matches!(
+        exec_in(&["true"], "/no/such/dir").2,
+        Outcome::Failed(_)
+    ));
+    assert!(matches!(exec(&[]).2, Outcome::Failed(_)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
