@@ -37,6 +37,10 @@ pub enum ConfigError {
     BadDisk { spec: String, reason: String },
     #[error("--timings {0:?}: expected table or json")]
     BadTimings(String),
+    #[error("--timeout {0:?}: expected a duration such as 30s, 500ms, 2m or 1h")]
+    BadDuration(String),
+    #[error("--env {0:?}: expected KEY=VALUE")]
+    BadEnv(String),
     #[error("--seccomp {0:?}: expected on or off")]
     BadSeccomp(String),
     #[error("the kernel command line is {len} bytes; the boot protocol allows {max}")]
@@ -204,6 +208,35 @@ pub fn parse_timings(s: &str) -> Result<TimingsFormat, ConfigError> {
     }
 }
 
+/// `30s`, `500ms`, `2m`, `1h`, or a plain number of seconds; more than zero.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, ConfigError> {
+    let bad = || ConfigError::BadDuration(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .filter(|&ms| ms > 0)
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// `KEY=VALUE` for the command's environment.
+pub fn parse_env(s: &str) -> Result<(String, String), ConfigError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(ConfigError::BadEnv(s.to_string())),
+    }
+}
+
 pub fn parse_seccomp(s: &str) -> Result<bool, ConfigError> {
     match s {
         "on" => Ok(true),
@@ -273,6 +306,32 @@ pub fn full_cmdline(base: &str, ember_words: &[String]) -> Result<String, Config
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_and_environment_words() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "s",
+            "2x",
+            "-1s",
+            "1.5s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("EMPTY=").unwrap(), ("EMPTY".into(), "".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("NOEQUALS").is_err());
+    }
 
     #[test]
     fn sizes() {
