@@ -29,6 +29,7 @@ fn system_color(k: Kind) -> &'static str {
         Kind::Docker => "#1c7ed6",
         Kind::Runc => "#2f9e44",
         Kind::Crun => "#0c8599",
+        Kind::Firecracker => "#c2255c",
     }
 }
 
