@@ -213,6 +213,13 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Input(format!("--memory: {e}")))?;
     let wanted = wanted_systems(args.systems.as_deref())?;
     let (modes, mut notes) = modes(&args, host.kvm)?;
+    restore_guest_names(&args.restore_guest)?;
+    if args.clones == 0 || args.clones > 256 {
+        return Err(BenchError::Input(format!(
+            "--clones: {} is not between 1 and 256",
+            args.clones
+        )));
+    }
     let ember = ember_binary()?;
     let kit = kit_dir();
     let inputs = Inputs {
@@ -673,12 +680,9 @@ fn restore_guests(
     kvm: KvmKind,
 ) -> Result<Vec<restore::RestoreGuest>, BenchError> {
     let mut out: Vec<restore::RestoreGuest> = Vec::new();
-    for word in args.restore_guest.split(',').map(str::trim) {
-        if out.iter().any(|g| g.name == word) {
-            continue;
-        }
+    for word in restore_guest_names(&args.restore_guest)? {
         let g = match word {
-            "counter" => {
+            RestoreGuestName::Counter => {
                 // Next to the null guest when one is given, as the memory probe's echo.elf is.
                 let path = match &args.null_guest {
                     Some(p) => p.with_file_name("counter.elf"),
@@ -690,7 +694,7 @@ fn restore_guests(
                     "build it with `make -C tests/guests`",
                 )?)
             }
-            "linux" => restore::RestoreGuest::linux(
+            RestoreGuestName::Linux => restore::RestoreGuest::linux(
                 linux_kernel(args, inputs)?,
                 require(
                     inputs.kit.join("initramfs.cpio"),
@@ -699,13 +703,34 @@ fn restore_guests(
                 )?,
                 kvm == KvmKind::Pvm,
             ),
+        };
+        out.push(g);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestoreGuestName {
+    Counter,
+    Linux,
+}
+
+/// `--restore-guest`'s words, each once, in order; checked before anything is launched.
+fn restore_guest_names(list: &str) -> Result<Vec<RestoreGuestName>, BenchError> {
+    let mut out = Vec::new();
+    for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let name = match word {
+            "counter" => RestoreGuestName::Counter,
+            "linux" => RestoreGuestName::Linux,
             other => {
                 return Err(BenchError::Input(format!(
                     "--restore-guest: `{other}` is not counter or linux"
                 )))
             }
         };
-        out.push(g);
+        if !out.contains(&name) {
+            out.push(name);
+        }
     }
     Ok(out)
 }
@@ -720,12 +745,6 @@ fn run_restore(
 ) -> Result<restore::RestoreResult, BenchError> {
     if let Some(t) = args.timeout {
         guest.timeout = Duration::from_secs(t);
-    }
-    if args.clones == 0 || args.clones > 256 {
-        return Err(BenchError::Input(format!(
-            "--clones: {} is not between 1 and 256",
-            args.clones
-        )));
     }
     let null_guest = guest_for(Mode::Restore, args, inputs)?;
     restore::run(
@@ -909,5 +928,14 @@ mod tests {
         );
         assert_eq!(wanted_systems(None).unwrap(), Kind::ALL.to_vec());
         assert!(wanted_systems(Some("lxc")).is_err());
+    }
+
+    #[test]
+    fn restore_guests_list() {
+        assert_eq!(
+            restore_guest_names("linux, counter,linux").unwrap(),
+            vec![RestoreGuestName::Linux, RestoreGuestName::Counter]
+        );
+        assert!(restore_guest_names("windows").is_err());
     }
 }
