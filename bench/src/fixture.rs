@@ -102,6 +102,7 @@ pub fn restore_result() -> crate::restore::RestoreResult {
         rounds: 3,
         trigger: "r".into(),
         marker: marker.into(),
+        ended_by: "typed \"q\"".into(),
         setup: SetUp {
             boot_ms: 60.0,
             pause_ms: 0.5,

@@ -125,6 +125,7 @@ struct Restore<'a> {
     /// Typed into each restored guest at spawn; `marker` is its answer, the ready line.
     typed_at_spawn: &'a str,
     marker: &'a str,
+    ended_by: &'a str,
     setup: SetUp,
     rows: Vec<RestoreRow<'a>>,
     not_run: Vec<NotRun<'a>>,
@@ -363,6 +364,7 @@ fn restore(r: &RestoreResult) -> Restore<'_> {
         rounds: r.rounds,
         typed_at_spawn: &r.trigger,
         marker: &r.marker,
+        ended_by: &r.ended_by,
         setup: SetUp {
             boot_ms: round(s.boot_ms, 3),
             pause_ms: round(s.pause_ms, 3),

@@ -340,7 +340,13 @@ pub fn restore_text(r: &RestoreResult) -> String {
         r.trigger,
         r.marker
     );
-    let _ = writeln!(o, "guest: {}; {} of RAM", r.guest, size(r.guest_bytes));
+    let _ = writeln!(
+        o,
+        "guest: {}; {} of RAM; ended by {} (the exit column)",
+        r.guest,
+        size(r.guest_bytes),
+        r.ended_by
+    );
     let s = &r.setup;
     let _ = writeln!(
         o,

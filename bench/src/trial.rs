@@ -242,14 +242,8 @@ pub fn run_with_hooks(
         if fds[0].revents != 0 {
             let was_ready = watch.ready.is_some();
             watch.read_out();
-            if !was_ready && watch.ready.is_some() && spec.stop_at_ready {
-                // SIGTERM first: a VMM that stops cleanly still reports its timings.
-                // SAFETY: pid is our unreaped child.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                stopped = true;
-                deadline = Instant::now() + Duration::from_secs(1);
-            }
             if !was_ready && watch.ready.is_some() {
+                // The hook first: it may read /proc of a process the stop below ends.
                 if let Some(h) = hook.as_mut() {
                     let bytes = h(pid as u32);
                     if let Some(w) = stdin.as_mut() {
@@ -257,6 +251,13 @@ pub fn run_with_hooks(
                         let _ = w.write_all(&bytes).and_then(|_| w.flush());
                     }
                 }
+            }
+            if !was_ready && watch.ready.is_some() && spec.stop_at_ready {
+                // SIGTERM first: a VMM that stops cleanly still reports its timings.
+                // SAFETY: pid is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                stopped = true;
+                deadline = Instant::now() + Duration::from_secs(1);
             }
         }
         if fds[1].revents != 0 {
