@@ -82,7 +82,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     pub memory: String,
     /// Seconds one launch may take before it is killed and counted as failed
-    /// [default: 30 null, 60 banner, 120 linux, 900 linux on kvm_pvm].
+    /// [default: 30 null, 60 banner, 120 linux, 240 linux on kvm_pvm; restore: 30, a restored
+    /// Linux guest 120 on kvm_pvm].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Write every figure and sample as JSON to FILE.
@@ -96,7 +97,7 @@ pub struct BenchArgs {
     pub clones: usize,
     /// Restore mode: the guests snapshotted, comma-separated: counter (the counter test guest),
     /// linux (the kernel of the linux mode with the kit's shell initramfs, snapshotted at its
-    /// prompt; a boot of ~17 s on kvm_pvm).
+    /// prompt; its set-up boot takes ~17-25 s on kvm_pvm).
     #[arg(long, value_name = "LIST", default_value = "counter")]
     pub restore_guest: String,
     /// No progress line on stderr.
