@@ -7,7 +7,8 @@
 # --systems runc,crun); see `target/x86_64-unknown-linux-gnu/release/ember bench --help`.
 #
 # Needs scripts/deps.sh's packages (crun, runc, podman, qemu-system-x86 are peers; a missing one
-# is reported, not fatal), the guest kit (scripts/kit.sh) and the test guests. The minimal
+# is reported, not fatal), the guest kit (scripts/kit.sh) and the test guests (the restore mode
+# snapshots tests/guests/counter.c; a `firecracker` on PATH is measured there too). The minimal
 # microVM kernel (scripts/microvm-kernel.sh, ~20 min to build on 2 cores) is used when built;
 # without it the linux and banner modes boot the kit's Debian kernel.
 set -eu

@@ -3,13 +3,17 @@
 //! Per mode: one bar per system to its median launch-to-ready time, continued in a lighter
 //! shade to the median launch-to-exit time; Ember's ready part is stacked by boot phase (from
 //! the run with the median ready time, scaled to the median). Below, Ember's phases once more on
-//! their own scale, with their values, since next to a container runtime they are thin.
+//! their own scale, with their values, since next to a container runtime they are thin. The
+//! restore mode gets a panel of its own per guest: a bar per row (restores, the API load, the
+//! reference boot and containers), then its set-up, density and crun ratio as text.
 
 use std::fmt::Write as _;
 
-use crate::report::mib;
+use crate::report::{mib, size};
+use crate::restore::RestoreResult;
+use crate::stats::Summary;
 use crate::systems::Kind;
-use crate::{ModeResult, Report};
+use crate::{ModeResult, Report, SystemResult};
 
 const W: f64 = 960.0;
 const LABEL_W: f64 = 96.0;
@@ -29,6 +33,7 @@ fn system_color(k: Kind) -> &'static str {
         Kind::Docker => "#1c7ed6",
         Kind::Runc => "#2f9e44",
         Kind::Crun => "#0c8599",
+        Kind::Firecracker => "#c2255c",
     }
 }
 
@@ -152,6 +157,9 @@ pub fn svg(r: &Report) -> String {
     for m in &r.modes {
         y = mode_panel(&mut body, m, y + 28.0);
     }
+    for x in &r.restore {
+        y = restore_panel(&mut body, x, y + 28.0);
+    }
     y += 24.0;
     y = lines(&mut body, 16.0, y, 11, "#666", &r.command);
     let h = y + 16.0;
@@ -160,41 +168,33 @@ pub fn svg(r: &Report) -> String {
     )
 }
 
-/// Draws one mode from `y`; returns the y below it.
-fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
-    let _ = writeln!(
-        o,
-        r##"<text x="16" y="{y}" font-size="15" font-weight="bold">{} — median of {} rounds</text>"##,
-        esc(m.mode.title()),
-        m.rounds
-    );
-    y += 18.0;
-    let tail = if m.systems.iter().any(|s| s.exit().is_some()) {
-        ", → exit (light)"
-    } else {
-        " (stopped there)"
-    };
-    let _ = writeln!(
-        o,
-        r##"<text x="16" y="{y}" font-size="11" fill="#444">launch → ready line `{}` (solid){tail}; peak RSS of the launched process</text>"##,
-        esc(&m.marker)
-    );
-    y += 14.0;
-    let x0 = LABEL_W;
-    let span = W - LABEL_W - VALUE_W - 16.0;
-    let max = m
-        .systems
+/// One bar of a panel.
+struct Bar<'a> {
+    label: &'a str,
+    bold: bool,
+    result: &'a SystemResult,
+    /// Ember's ready part stacked by boot phase.
+    stacked: bool,
+}
+
+/// Draws `rows` as bars from `y` (labels right-aligned in the first `label_w` pixels, the axis
+/// in ms) and returns the y of the axis labels.
+fn bar_rows(o: &mut String, rows: &[Bar<'_>], y: f64, label_w: f64) -> f64 {
+    let mut y = y;
+    let x0 = label_w;
+    let span = W - label_w - VALUE_W - 16.0;
+    let max = rows
         .iter()
-        .flat_map(|s| [s.ready(), s.exit()])
+        .flat_map(|b| [b.result.ready(), b.result.exit()])
         .flatten()
         .map(|x| x.median)
         .fold(0.0, f64::max);
     let step = tick_step(max);
     let top = (max / step).ceil().max(1.0) * step;
     let scale = span / top;
-    let rows = m.systems.len() as f64;
+    let n = rows.len() as f64;
     // Grid and axis labels.
-    let grid_bottom = y + 8.0 + rows * ROW_H;
+    let grid_bottom = y + 8.0 + n * ROW_H;
     let mut t = 0.0;
     while t <= top + step / 2.0 {
         let x = x0 + t * scale;
@@ -208,24 +208,21 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         t += step;
     }
     y += 8.0;
-    for s in &m.systems {
+    for bar in rows {
+        let s = bar.result;
         let Some(ready) = s.ready() else {
             continue;
         };
         let exit = s.exit();
         let by = y + (ROW_H - BAR_H) / 2.0;
         let color = system_color(s.kind);
+        let weight = if bar.bold { "bold" } else { "normal" };
         let _ = writeln!(
             o,
-            r##"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="end" font-weight="{}">{}</text>"##,
+            r##"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="end" font-weight="{weight}">{}</text>"##,
             x0 - 8.0,
             by + 15.0,
-            if s.kind == Kind::Ember {
-                "bold"
-            } else {
-                "normal"
-            },
-            s.kind.name()
+            esc(bar.label)
         );
         let wr = ready.median * scale;
         let we = exit.map_or(wr, |e| (e.median * scale).max(wr));
@@ -233,7 +230,7 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
             o,
             r##"<rect x="{x0:.1}" y="{by:.1}" width="{we:.1}" height="{BAR_H}" fill="{color}" fill-opacity="0.3"/>"##
         );
-        match s.median_segments().filter(|_| s.kind == Kind::Ember) {
+        match s.median_segments().filter(|_| bar.stacked) {
             Some(seg) => {
                 let seg = ready_part(&seg);
                 let run_ready: f64 = seg.iter().map(|(_, v)| v).sum();
@@ -277,7 +274,129 @@ fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
         );
         y += ROW_H;
     }
-    y = grid_bottom + 20.0;
+    grid_bottom
+}
+
+/// A panel's title and the line under it, from `y`; returns the y below them.
+fn heading(o: &mut String, y: f64, title: &str, subtitle: &str) -> f64 {
+    let _ = writeln!(
+        o,
+        r##"<text x="16" y="{y}" font-size="15" font-weight="bold">{}</text>"##,
+        esc(title)
+    );
+    let y = y + 18.0;
+    let _ = writeln!(
+        o,
+        r##"<text x="16" y="{y}" font-size="11" fill="#444">{}</text>"##,
+        esc(subtitle)
+    );
+    y + 14.0
+}
+
+/// The restore mode's labels are longer than a system's name.
+const RESTORE_LABEL_W: f64 = 200.0;
+
+/// Draws the restore mode for one guest from `y`: a bar per row, then the set-up, density and
+/// goals as lines of text; returns the y below it.
+fn restore_panel(o: &mut String, r: &RestoreResult, mut y: f64) -> f64 {
+    y = heading(
+        o,
+        y,
+        &format!(
+            "Snapshot restore, {} guest — median of {} rounds",
+            r.guest_name, r.rounds
+        ),
+        &format!(
+            "launch → the restored guest's answer `{}` (solid), → exit (light); the references \
+             to their own ready line; peak RSS",
+            r.marker
+        ),
+    );
+    let bars: Vec<Bar> = r
+        .rows
+        .iter()
+        .map(|row| Bar {
+            label: &row.label,
+            bold: row.label.starts_with("ember restore"),
+            result: &row.result,
+            stacked: false,
+        })
+        .collect();
+    y = bar_rows(o, &bars, y, RESTORE_LABEL_W) + 20.0;
+    for sk in &r.skipped {
+        y = lines(
+            o,
+            RESTORE_LABEL_W,
+            y + 14.0,
+            11,
+            "#666",
+            &format!("{} not run: {}", sk.kind.name(), sk.reason),
+        );
+    }
+    let s = &r.setup;
+    let mut text = vec![format!(
+        "Set-up, once: boot {:.1} ms, pause {:.2} ms, snapshot create {:.1} ms; memory file {} ({} on disk), state {}.",
+        s.boot_ms,
+        s.pause_ms,
+        s.create_ms,
+        size(s.mem_bytes),
+        size(s.mem_disk_bytes),
+        size(s.state_bytes)
+    )];
+    for d in &r.density {
+        let med = |v: &[f64]| Summary::of(v).map(|x| x.median);
+        if let (Some(all), Some(pss), Some(total)) =
+            (med(&d.all_ready_ms), med(&d.pss_kib), med(&d.total_pss_kib))
+        {
+            text.push(format!(
+                "{} clones at once ({}): all answered in {} ms; PSS {:.2} MiB per clone, {:.1} MiB in all ({:.1}% of {} x guest RAM).",
+                d.clones,
+                d.label(),
+                fmt_ms(all),
+                mib(pss),
+                mib(total),
+                100.0 * total / (d.clones as f64 * r.guest_bytes as f64 / 1024.0),
+                d.clones
+            ));
+        }
+    }
+    if let Some(x) = r.ready_ratio(crate::restore::RESTORE, "crun") {
+        text.push(format!("ember restore / crun container start: {x:.2}x."));
+    }
+    for t in text {
+        y = lines(o, 16.0, y + 16.0, 12, "#222", &t);
+    }
+    y
+}
+
+/// Draws one mode from `y`; returns the y below it.
+fn mode_panel(o: &mut String, m: &ModeResult, mut y: f64) -> f64 {
+    let tail = if m.systems.iter().any(|s| s.exit().is_some()) {
+        ", → exit (light)"
+    } else {
+        " (stopped there)"
+    };
+    y = heading(
+        o,
+        y,
+        &format!("{} — median of {} rounds", m.mode.title(), m.rounds),
+        &format!(
+            "launch → ready line `{}` (solid){tail}; peak RSS of the launched process",
+            m.marker
+        ),
+    );
+    let bars: Vec<Bar> = m
+        .systems
+        .iter()
+        .map(|s| Bar {
+            label: s.kind.name(),
+            bold: s.kind == Kind::Ember,
+            result: s,
+            stacked: s.kind == Kind::Ember,
+        })
+        .collect();
+    let x0 = LABEL_W;
+    y = bar_rows(o, &bars, y, LABEL_W) + 20.0;
     for sk in &m.skipped {
         y = lines(
             o,
@@ -400,6 +519,35 @@ mod tests {
         );
         assert!(s.contains("with &lt;markup&gt; &amp; an ampersand"), "{s}");
         assert!(s.contains("ember own memory: 1.94 MiB"), "{s}");
+        assert!(!s.contains("Snapshot restore"), "no restore mode ran: {s}");
+    }
+
+    #[test]
+    fn the_restore_mode_has_its_panel() {
+        let mut r = crate::fixture::report();
+        r.restore.push(crate::fixture::restore_result());
+        let s = svg(&r);
+        assert!(
+            s.contains("Snapshot restore, counter guest — median of 3 rounds"),
+            "{s}"
+        );
+        assert!(
+            s.contains(">ember restore --prefault</text>") && s.contains(">crun</text>"),
+            "{s}"
+        );
+        assert!(
+            s.contains(">firecracker not run: not found on PATH</text>"),
+            "{s}"
+        );
+        assert!(
+            s.contains("2 clones at once (ember restore): all answered in 35.0 ms"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ember restore / crun container start: 0.50x."),
+            "{s}"
+        );
+        assert!(s.trim_end().ends_with("</svg>"));
     }
 
     #[test]

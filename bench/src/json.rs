@@ -7,10 +7,12 @@
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde::Serialize as DeriveSerialize;
 
+use crate::memory::VmmMemory;
 use crate::phases::{Timeline, PHASES};
 use crate::report::{median_ratio, mib};
+use crate::restore::{self, Density, RestoreResult, Row};
 use crate::stats::Summary;
-use crate::systems::Kind;
+use crate::systems::{Kind, Skipped};
 use crate::{ModeResult, Report, SystemResult};
 
 #[derive(DeriveSerialize)]
@@ -20,6 +22,8 @@ struct File<'a> {
     host: Host<'a>,
     notes: &'a [String],
     modes: Vec<Mode<'a>>,
+    /// The restore mode, one entry per guest snapshotted (empty when it did not run).
+    restore: Vec<Restore<'a>>,
 }
 
 #[derive(DeriveSerialize)]
@@ -112,6 +116,94 @@ enum OwnMemory<'a> {
     },
 }
 
+#[derive(DeriveSerialize)]
+struct Restore<'a> {
+    guest: &'a str,
+    guest_name: &'static str,
+    guest_ram_mib: f64,
+    rounds: u32,
+    /// Typed into each restored guest at spawn; `marker` is its answer, the ready line.
+    typed_at_spawn: &'a str,
+    marker: &'a str,
+    ended_by: &'a str,
+    setup: SetUp,
+    rows: Vec<RestoreRow<'a>>,
+    not_run: Vec<NotRun<'a>>,
+    own_memory: Vec<RestoreMemory<'a>>,
+    density: Vec<DensityFigures<'a>>,
+    /// Median ready time of each Ember restore row over each reference's (null: not measured).
+    ratios: Vec<RestoreRatios>,
+    goals: Goals,
+    notes: &'a [String],
+}
+
+#[derive(DeriveSerialize)]
+struct SetUp {
+    boot_ms: f64,
+    pause_ms: f64,
+    snapshot_create_ms: f64,
+    state_file_bytes: u64,
+    state_file_disk_bytes: u64,
+    memory_file_bytes: u64,
+    memory_file_disk_bytes: u64,
+}
+
+#[derive(DeriveSerialize)]
+struct RestoreRow<'a> {
+    label: &'a str,
+    marker: &'a str,
+    #[serde(flatten)]
+    figures: System<'a>,
+    /// Rows that load through an API socket: `PUT /snapshot/load` sent to its 204.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_request_ms: Option<Figures>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    load_request_samples_ms: Vec<f64>,
+}
+
+#[derive(DeriveSerialize)]
+struct RestoreMemory<'a> {
+    label: &'a str,
+    #[serde(flatten)]
+    memory: OwnMemory<'a>,
+}
+
+#[derive(DeriveSerialize)]
+struct DensityFigures<'a> {
+    label: &'static str,
+    prefault: bool,
+    clones: usize,
+    good_rounds: usize,
+    all_ready_ms: Option<Figures>,
+    clone_ready_ms: Option<Figures>,
+    pss_per_clone_mib: Option<Figures>,
+    rss_per_clone_mib: Option<Figures>,
+    guest_ram_pss_per_clone_mib: Option<Figures>,
+    guest_ram_rss_per_clone_mib: Option<Figures>,
+    total_pss_mib: Option<Figures>,
+    /// N x guest RAM, what N booted guests that touched all their RAM would take.
+    n_x_guest_ram_mib: f64,
+    /// The clones' median total PSS over N x guest RAM.
+    total_pss_over_n_x_guest_ram: Option<f64>,
+    failures: &'a [String],
+}
+
+#[derive(DeriveSerialize)]
+struct RestoreRatios {
+    row: &'static str,
+    over_crun: Option<f64>,
+    over_ember_boot: Option<f64>,
+    over_firecracker: Option<f64>,
+}
+
+#[derive(DeriveSerialize)]
+struct Goals {
+    /// `ember restore` faster than a crun container start (null: not measured).
+    faster_than_crun: Option<bool>,
+    /// `ember restore` in at most half of Firecracker's restore (null: not measured here).
+    at_most_half_of_firecracker: Option<bool>,
+}
+
 /// Ember's median per phase step, as a map in boot order (a derived map would sort its keys).
 struct Steps(Vec<(String, f64)>);
 
@@ -192,43 +284,146 @@ fn system<'a>(s: &'a SystemResult, ember: Option<&SystemResult>) -> System<'a> {
     }
 }
 
+fn not_run(skipped: &[Skipped]) -> Vec<NotRun<'_>> {
+    skipped
+        .iter()
+        .map(|s| NotRun {
+            system: s.kind.name(),
+            reason: &s.reason,
+        })
+        .collect()
+}
+
+fn mib3(kib: u64) -> f64 {
+    round(mib(kib as f64), 3)
+}
+
+fn own_memory<'a>(system: &'static str, v: &'a Result<VmmMemory, String>) -> OwnMemory<'a> {
+    match v {
+        Ok(v) => OwnMemory::Measured {
+            system,
+            own_mib: mib3(v.own),
+            peak_rss_mib: mib3(v.peak_rss),
+            guest_ram_resident_mib: mib3(v.guest_rss),
+            rss_anon_mib: mib3(v.rss_anon),
+            rss_file_mib: mib3(v.rss_file),
+            own_pss_mib: mib3(v.own_pss),
+            guest_mapping_mib: round(mib(v.guest_mapping_kib as f64), 1),
+            runs: v.runs,
+        },
+        Err(e) => OwnMemory::NotMeasured { system, error: e },
+    }
+}
+
+fn restore_row<'a>(r: &'a Row) -> RestoreRow<'a> {
+    let mut figures = system(&r.result, None);
+    // A row's peers are the references in `ratios`, not Ember.
+    figures.peer_over_ember = None;
+    RestoreRow {
+        label: &r.label,
+        marker: &r.marker,
+        figures,
+        load_request_ms: figures_of(&r.load_ms, |x| x),
+        load_request_samples_ms: r.load_ms.iter().map(|x| round(*x, 3)).collect(),
+    }
+}
+
+fn figures_of(v: &[f64], unit: impl Fn(f64) -> f64) -> Option<Figures> {
+    figures(Summary::of(v), unit)
+}
+
+fn density(d: &Density, guest_bytes: u64) -> DensityFigures<'_> {
+    let n_x = (d.clones as u64 * guest_bytes) as f64 / 1024.0;
+    DensityFigures {
+        label: d.label(),
+        prefault: d.prefault,
+        clones: d.clones,
+        good_rounds: d.all_ready_ms.len(),
+        all_ready_ms: figures_of(&d.all_ready_ms, |x| x),
+        clone_ready_ms: figures_of(&d.clone_ready_ms, |x| x),
+        pss_per_clone_mib: figures_of(&d.pss_kib, mib),
+        rss_per_clone_mib: figures_of(&d.rss_kib, mib),
+        guest_ram_pss_per_clone_mib: figures_of(&d.guest_pss_kib, mib),
+        guest_ram_rss_per_clone_mib: figures_of(&d.guest_rss_kib, mib),
+        total_pss_mib: figures_of(&d.total_pss_kib, mib),
+        n_x_guest_ram_mib: round(mib(n_x), 1),
+        total_pss_over_n_x_guest_ram: Summary::of(&d.total_pss_kib)
+            .filter(|_| n_x > 0.0)
+            .map(|s| round(s.median / n_x, 4)),
+        failures: &d.failures,
+    }
+}
+
+fn restore(r: &RestoreResult) -> Restore<'_> {
+    let s = &r.setup;
+    let ratio = |l, base| r.ready_ratio(l, base).map(|x| round(x, 3));
+    Restore {
+        guest: &r.guest,
+        guest_name: r.guest_name,
+        guest_ram_mib: round(r.guest_bytes as f64 / f64::from(1 << 20), 1),
+        rounds: r.rounds,
+        typed_at_spawn: &r.trigger,
+        marker: &r.marker,
+        ended_by: &r.ended_by,
+        setup: SetUp {
+            boot_ms: round(s.boot_ms, 3),
+            pause_ms: round(s.pause_ms, 3),
+            snapshot_create_ms: round(s.create_ms, 3),
+            state_file_bytes: s.state_bytes,
+            state_file_disk_bytes: s.state_disk_bytes,
+            memory_file_bytes: s.mem_bytes,
+            memory_file_disk_bytes: s.mem_disk_bytes,
+        },
+        rows: r.rows.iter().map(restore_row).collect(),
+        not_run: not_run(&r.skipped),
+        own_memory: r
+            .memory
+            .iter()
+            .map(|(label, v)| RestoreMemory {
+                label,
+                memory: own_memory("ember", v),
+            })
+            .collect(),
+        density: r
+            .density
+            .iter()
+            .map(|d| density(d, r.guest_bytes))
+            .collect(),
+        ratios: [
+            restore::RESTORE,
+            restore::RESTORE_PREFAULT,
+            restore::API_LOAD,
+        ]
+        .into_iter()
+        .filter(|l| r.row(l).is_some())
+        .map(|l| RestoreRatios {
+            row: l,
+            over_crun: ratio(l, "crun"),
+            over_ember_boot: ratio(l, restore::EMBER_BOOT),
+            over_firecracker: ratio(l, restore::FIRECRACKER_LOAD),
+        })
+        .collect(),
+        goals: Goals {
+            faster_than_crun: r.faster_than_crun(),
+            at_most_half_of_firecracker: r.half_of_firecracker(),
+        },
+        notes: &r.notes,
+    }
+}
+
 fn mode(m: &ModeResult) -> Mode<'_> {
     let ember = m.ember();
-    let mib3 = |kib: u64| round(mib(kib as f64), 3);
     Mode {
         mode: m.mode.name(),
         guest: &m.guest,
         marker: &m.marker,
         rounds: m.rounds,
         systems: m.systems.iter().map(|s| system(s, ember)).collect(),
-        not_run: m
-            .skipped
-            .iter()
-            .map(|s| NotRun {
-                system: s.kind.name(),
-                reason: &s.reason,
-            })
-            .collect(),
+        not_run: not_run(&m.skipped),
         own_memory: m
             .memory
             .iter()
-            .map(|(k, v)| match v {
-                Ok(v) => OwnMemory::Measured {
-                    system: k.name(),
-                    own_mib: mib3(v.own),
-                    peak_rss_mib: mib3(v.peak_rss),
-                    guest_ram_resident_mib: mib3(v.guest_rss),
-                    rss_anon_mib: mib3(v.rss_anon),
-                    rss_file_mib: mib3(v.rss_file),
-                    own_pss_mib: mib3(v.own_pss),
-                    guest_mapping_mib: round(mib(v.guest_mapping_kib as f64), 1),
-                    runs: v.runs,
-                },
-                Err(e) => OwnMemory::NotMeasured {
-                    system: k.name(),
-                    error: e,
-                },
-            })
+            .map(|(k, v)| own_memory(k.name(), v))
             .collect(),
     }
 }
@@ -250,6 +445,7 @@ pub fn to_string(r: &Report) -> Result<String, serde_json::Error> {
         },
         notes: &r.notes,
         modes: r.modes.iter().map(mode).collect(),
+        restore: r.restore.iter().map(restore).collect(),
     };
     let mut text = serde_json::to_string_pretty(&file)?;
     text.push('\n');
@@ -293,6 +489,47 @@ mod tests {
         assert_eq!(m["own_memory"][0]["own_mib"], 1.938);
         assert_eq!(m["own_memory"][0]["guest_mapping_mib"], 128.0);
         assert_eq!(m["own_memory"][1]["error"], "echo-pvh.elf is missing");
+    }
+
+    #[test]
+    fn the_restore_section_has_its_rows_density_and_goals() {
+        let mut r = report();
+        r.restore.push(crate::fixture::restore_result());
+        let j: Value = serde_json::from_str(&to_string(&r).unwrap()).unwrap();
+        let x = &j["restore"][0];
+        assert_eq!(x["guest_name"], "counter");
+        assert_eq!(x["guest_ram_mib"], 128.0);
+        assert_eq!(x["typed_at_spawn"], "r");
+        assert_eq!(x["setup"]["snapshot_create_ms"], 45.0);
+        assert_eq!(x["setup"]["memory_file_bytes"], 134217728);
+        assert_eq!(x["setup"]["memory_file_disk_bytes"], 53248);
+        let row = &x["rows"][0];
+        assert_eq!(row["label"], "ember restore");
+        assert_eq!(row["system"], "ember");
+        assert_eq!(row["ready_ms"]["median"], 10.0);
+        assert_eq!(row["samples"]["ready_ms"], json!([10.0, 9.0, 11.0]));
+        assert!(row.get("load_request_ms").is_none(), "{row}");
+        assert_eq!(x["rows"][2]["load_request_ms"]["median"], 2.0);
+        assert_eq!(x["rows"][4]["label"], "crun");
+        assert_eq!(x["not_run"][0]["system"], "firecracker");
+        assert_eq!(x["own_memory"][0]["label"], "ember restore");
+        assert_eq!(x["own_memory"][0]["own_mib"], 2.375);
+        let d = &x["density"];
+        assert_eq!(d[0]["prefault"], false);
+        assert_eq!(d[1]["label"], "ember restore --prefault");
+        assert_eq!(d[0]["all_ready_ms"]["median"], 35.0);
+        assert_eq!(d[0]["pss_per_clone_mib"]["median"], 1.0);
+        assert_eq!(d[1]["total_pss_mib"]["median"], 66.0);
+        assert_eq!(d[1]["n_x_guest_ram_mib"], 256.0);
+        assert_eq!(d[1]["total_pss_over_n_x_guest_ram"], 0.2578);
+        assert_eq!(x["ratios"][0]["row"], "ember restore");
+        assert_eq!(x["ratios"][0]["over_crun"], 0.5);
+        assert_eq!(x["ratios"][0]["over_ember_boot"], 3.333);
+        assert_eq!(x["ratios"][0]["over_firecracker"], Value::Null);
+        assert_eq!(x["goals"]["faster_than_crun"], true);
+        assert_eq!(x["goals"]["at_most_half_of_firecracker"], Value::Null);
+        // The other modes are as they were.
+        assert_eq!(j["modes"][0]["mode"], "null");
     }
 
     #[test]

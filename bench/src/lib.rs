@@ -5,12 +5,14 @@
 //! must match Ember exactly (the kind of host, the words a kvm_pvm host adds to a command line,
 //! how a memory size is spelled).
 //!
-//! Three modes. `null`: Ember boots the null test guest (prints its ready line, then resets),
+//! Four modes. `null`: Ember boots the null test guest (prints its ready line, then resets),
 //! which measures the VMM itself. `linux`: Ember and QEMU boot a Linux kernel with the guest
 //! kit's initramfs (ready line from /init, then `reboot -f`). The containers run `/bin/sh -c
 //! 'echo MARKER'` from the same root filesystem in both. `banner`: Ember and QEMU boot the same
 //! kernel without userspace to its `Linux version` line and are stopped there: the VMM peers
-//! compared where Linux cannot reach userspace (kvm_pvm hosts). Every system is warmed up once,
+//! compared where Linux cannot reach userspace (kvm_pvm hosts). `restore` (restore.rs): a
+//! snapshot of a booted guest resumed in new Ember processes, one at a time and as N clones at
+//! once, next to a container start and Ember's null-guest boot. Every system is warmed up once,
 //! then each round runs every system once, the order rotating from round to round so that
 //! machine drift falls on all of them alike.
 
@@ -18,10 +20,12 @@ pub mod chart;
 #[cfg(test)]
 mod fixture;
 pub mod host;
+pub mod http;
 pub mod json;
 pub mod memory;
 pub mod phases;
 pub mod report;
+pub mod restore;
 pub mod stats;
 pub mod systems;
 pub mod trial;
@@ -48,8 +52,10 @@ pub struct BenchArgs {
     pub rounds: Option<u32>,
     /// Modes, comma-separated: null (the null test guest: VMM overhead), linux (a kernel and
     /// the kit's initramfs to userspace), banner (a kernel to its `Linux version` line; VMMs
-    /// only), or auto: null,linux on hardware KVM; null,banner,linux on kvm_pvm (where guest
-    /// kernel code is emulated: the banner mode shows the VMMs' part of a kernel boot).
+    /// only), restore (a snapshot of a booted guest resumed, one and N clones at once, next to
+    /// a container start), or auto: null,linux,restore on hardware KVM; null,banner,linux,
+    /// restore on kvm_pvm (where guest kernel code is emulated: the banner mode shows the VMMs'
+    /// part of a kernel boot).
     #[arg(long, value_name = "MODES", default_value = "auto")]
     pub guest: String,
     /// Kernel for the linux and banner modes [default: the microVM kernel's vmlinux from
@@ -68,15 +74,16 @@ pub struct BenchArgs {
     /// [default: the kit's rootfs/].
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
-    /// Systems to run, comma-separated, from ember, crun, runc, podman, docker, qemu
-    /// [default: all; ember always runs].
+    /// Systems to run, comma-separated, from ember, floor, crun, runc, podman, docker, qemu,
+    /// firecracker (restore mode only, where installed) [default: all; ember always runs].
     #[arg(long, value_name = "LIST")]
     pub systems: Option<String>,
     /// Guest memory for the microVMs.
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     pub memory: String,
     /// Seconds one launch may take before it is killed and counted as failed
-    /// [default: 30 null, 60 banner, 120 linux, 900 linux on kvm_pvm].
+    /// [default: 30 null, 60 banner, 120 linux, 240 linux on kvm_pvm; restore: 30, a restored
+    /// Linux guest 120 on kvm_pvm].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Write every figure and sample as JSON to FILE.
@@ -85,6 +92,14 @@ pub struct BenchArgs {
     /// Write an SVG chart to FILE.
     #[arg(long, value_name = "FILE")]
     pub chart: Option<PathBuf>,
+    /// Restore mode: the clones restored at once from one snapshot.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub clones: usize,
+    /// Restore mode: the guests snapshotted, comma-separated: counter (the counter test guest),
+    /// linux (the kernel of the linux mode with the kit's shell initramfs, snapshotted at its
+    /// prompt; its set-up boot takes ~17-25 s on kvm_pvm).
+    #[arg(long, value_name = "LIST", default_value = "counter")]
+    pub restore_guest: String,
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -118,6 +133,7 @@ pub enum Mode {
     Null,
     Linux,
     Banner,
+    Restore,
 }
 
 impl Mode {
@@ -126,6 +142,7 @@ impl Mode {
             Mode::Null => "null",
             Mode::Linux => "linux",
             Mode::Banner => "banner",
+            Mode::Restore => "restore",
         }
     }
 
@@ -134,6 +151,7 @@ impl Mode {
             Mode::Null => "null guest (VMM overhead)",
             Mode::Linux => "Linux guest (kernel + initramfs to userspace)",
             Mode::Banner => "Linux kernel to its banner (VMMs only; stopped there)",
+            Mode::Restore => "snapshot restore",
         }
     }
 }
@@ -171,15 +189,17 @@ pub struct Report {
     pub host: Host,
     pub command: String,
     pub modes: Vec<ModeResult>,
+    /// The restore mode, one per guest snapshotted.
+    pub restore: Vec<restore::RestoreResult>,
     /// Modes not run, with the reason.
     pub notes: Vec<String>,
 }
 
 /// The paths the benchmark reads, resolved once.
-struct Inputs {
-    ember: PathBuf,
-    kit: PathBuf,
-    rootfs: PathBuf,
+pub(crate) struct Inputs {
+    pub(crate) ember: PathBuf,
+    pub(crate) kit: PathBuf,
+    pub(crate) rootfs: PathBuf,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), BenchError> {
@@ -194,6 +214,13 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Input(format!("--memory: {e}")))?;
     let wanted = wanted_systems(args.systems.as_deref())?;
     let (modes, mut notes) = modes(&args, host.kvm)?;
+    restore_guest_names(&args.restore_guest)?;
+    if args.clones == 0 || args.clones > 256 {
+        return Err(BenchError::Input(format!(
+            "--clones: {} is not between 1 and 256",
+            args.clones
+        )));
+    }
     let ember = ember_binary()?;
     let kit = kit_dir();
     let inputs = Inputs {
@@ -218,19 +245,29 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
 
     let mut results = Vec::new();
+    let mut restored = Vec::new();
     for mode in modes {
+        if mode == Mode::Restore {
+            for g in restore_guests(&args, &inputs, host.kvm)? {
+                let r = run_restore(g, &args, &inputs, &wanted, host.kvm, guest_bytes)?;
+                let _ = write!(out, "\n{}", report::restore_text(&r));
+                restored.push(r);
+            }
+            continue;
+        }
         let guest = guest_for(mode, &args, &inputs)?;
         let r = run_mode(mode, &guest, &args, &inputs, &wanted, host.kvm, guest_bytes)?;
         let _ = write!(out, "\n{}", report::text(&r));
         results.push(r);
     }
-    if results.is_empty() {
+    if results.is_empty() && restored.is_empty() {
         notes.push("no mode ran".into());
     }
     let report = Report {
         host,
         command,
         modes: results,
+        restore: restored,
         notes,
     };
     if let Some(path) = &args.json {
@@ -261,7 +298,8 @@ fn wanted_systems(list: Option<&str>) -> Result<Vec<Kind>, BenchError> {
     for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
         let k = Kind::parse(word).ok_or_else(|| {
             BenchError::Input(format!(
-                "--systems: unknown system `{word}` (ember, floor, crun, runc, podman, docker, qemu)"
+                "--systems: unknown system `{word}` (ember, floor, crun, runc, podman, docker, qemu, \
+                 firecracker)"
             ))
         })?;
         if !v.contains(&k) {
@@ -277,14 +315,17 @@ fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), Ben
     let mut out = Vec::new();
     for word in args.guest.split(',').map(str::trim) {
         let add: &[Mode] = match word {
-            "auto" if kvm == KvmKind::Pvm => &[Mode::Null, Mode::Banner, Mode::Linux],
-            "auto" => &[Mode::Null, Mode::Linux],
+            "auto" if kvm == KvmKind::Pvm => {
+                &[Mode::Null, Mode::Banner, Mode::Linux, Mode::Restore]
+            }
+            "auto" => &[Mode::Null, Mode::Linux, Mode::Restore],
             "null" => &[Mode::Null],
             "banner" => &[Mode::Banner],
             "linux" => &[Mode::Linux],
+            "restore" => &[Mode::Restore],
             other => {
                 return Err(BenchError::Input(format!(
-                    "--guest: `{other}` is not null, linux, banner or auto"
+                    "--guest: `{other}` is not null, linux, banner, restore or auto"
                 )))
             }
         };
@@ -294,7 +335,7 @@ fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), Ben
             }
         }
     }
-    if kvm == KvmKind::Pvm && out.iter().any(|m| *m != Mode::Null) {
+    if kvm == KvmKind::Pvm && out.iter().any(|m| matches!(m, Mode::Linux | Mode::Banner)) {
         notes.push(
             "kvm_pvm host: the guest's kernel (ring-0) code is emulated, thousands of times \
              slower than on hardware, while its user (ring-3) code runs natively; a Linux boot \
@@ -334,7 +375,11 @@ fn cache_dir(var: &str, name: &str) -> PathBuf {
     PathBuf::from(home).join(".cache/ember").join(name)
 }
 
-fn require(path: PathBuf, what: &'static str, hint: &'static str) -> Result<PathBuf, BenchError> {
+pub(crate) fn require(
+    path: PathBuf,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<PathBuf, BenchError> {
     if path.is_file() {
         Ok(path)
     } else {
@@ -344,7 +389,7 @@ fn require(path: PathBuf, what: &'static str, hint: &'static str) -> Result<Path
 
 /// tests/guests/build/NAME near the binary (target/<triple>/<profile>/ember sits three levels
 /// below the repository) or under the current directory.
-fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
+pub(crate) fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
     let rel = Path::new("tests/guests/build").join(name);
     ember
         .ancestors()
@@ -357,7 +402,8 @@ fn find_test_guest(ember: &Path, name: &str) -> PathBuf {
 
 fn guest_for(mode: Mode, args: &BenchArgs, inputs: &Inputs) -> Result<Guest, BenchError> {
     match mode {
-        Mode::Null => {
+        // The restore mode boots the null guest for reference, as the null mode does.
+        Mode::Null | Mode::Restore => {
             let kernel = match &args.null_guest {
                 Some(p) => require(p.clone(), "the null guest", "pass an existing --null-guest")?,
                 None => require(
@@ -441,7 +487,7 @@ fn guest_for(mode: Mode, args: &BenchArgs, inputs: &Inputs) -> Result<Guest, Ben
 
 /// `cmdline` with the words this host needs that Ember adds to its own guests' command line
 /// (none on hardware KVM), so that peers boot the same kernel the same way.
-fn with_host_words(cmdline: &str) -> String {
+pub(crate) fn with_host_words(cmdline: &str) -> String {
     let words: Vec<String> = ember_vmm::host::kernel_words_here()
         .into_iter()
         .map(|w| w.word)
@@ -450,7 +496,7 @@ fn with_host_words(cmdline: &str) -> String {
 }
 
 /// The kernel for the linux and banner modes.
-fn linux_kernel(args: &BenchArgs, inputs: &Inputs) -> Result<PathBuf, BenchError> {
+pub(crate) fn linux_kernel(args: &BenchArgs, inputs: &Inputs) -> Result<PathBuf, BenchError> {
     if let Some(k) = &args.kernel {
         return require(k.clone(), "the kernel", "pass an existing --kernel");
     }
@@ -475,18 +521,9 @@ fn run_mode(
     kvm: KvmKind,
     guest_bytes: u64,
 ) -> Result<ModeResult, BenchError> {
-    let rounds = args.rounds.unwrap_or(match mode {
-        Mode::Null => 20,
-        Mode::Linux if kvm == KvmKind::Pvm => 3,
-        Mode::Linux | Mode::Banner => 10,
-    });
-    if rounds == 0 || rounds > 10_000 {
-        return Err(BenchError::Input(format!(
-            "--rounds: {rounds} is not between 1 and 10000"
-        )));
-    }
+    let rounds = rounds_for(mode, args, kvm)?;
     let timeout = Duration::from_secs(args.timeout.unwrap_or(match (mode, kvm) {
-        (Mode::Null, _) => 30,
+        (Mode::Null | Mode::Restore, _) => 30,
         (Mode::Banner, _) => 60,
         (Mode::Linux, KvmKind::Pvm) => 240,
         (Mode::Linux, _) => 120,
@@ -504,6 +541,10 @@ fn run_mode(
         }
         if kind == Kind::Floor && mode != Mode::Null {
             // The floor runs no kernel: it is the null guest's reference only.
+            continue;
+        }
+        if kind == Kind::Firecracker {
+            // Its snapshot load is what the restore mode compares; it boots nothing here.
             continue;
         }
         progress.say(&format!("{}: warming up {}", mode.name(), kind.name()));
@@ -606,7 +647,9 @@ fn run_mode(
 
 fn describe_guest(mode: Mode, g: &Guest) -> String {
     match mode {
-        Mode::Null | Mode::Banner => format!("{} (no initramfs)", g.kernel.display()),
+        Mode::Null | Mode::Banner | Mode::Restore => {
+            format!("{} (no initramfs)", g.kernel.display())
+        }
         Mode::Linux => format!(
             "{} + {}",
             g.kernel.display(),
@@ -615,6 +658,109 @@ fn describe_guest(mode: Mode, g: &Guest) -> String {
                 .map_or("-".into(), |i| i.display().to_string())
         ),
     }
+}
+
+fn rounds_for(mode: Mode, args: &BenchArgs, kvm: KvmKind) -> Result<u32, BenchError> {
+    let rounds = args.rounds.unwrap_or(match mode {
+        Mode::Null | Mode::Restore => 20,
+        Mode::Linux if kvm == KvmKind::Pvm => 3,
+        Mode::Linux | Mode::Banner => 10,
+    });
+    if rounds == 0 || rounds > 10_000 {
+        return Err(BenchError::Input(format!(
+            "--rounds: {rounds} is not between 1 and 10000"
+        )));
+    }
+    Ok(rounds)
+}
+
+/// The guests `--restore-guest` names.
+fn restore_guests(
+    args: &BenchArgs,
+    inputs: &Inputs,
+    kvm: KvmKind,
+) -> Result<Vec<restore::RestoreGuest>, BenchError> {
+    let mut out: Vec<restore::RestoreGuest> = Vec::new();
+    for word in restore_guest_names(&args.restore_guest)? {
+        let g = match word {
+            RestoreGuestName::Counter => {
+                // Next to the null guest when one is given, as the memory probe's echo.elf is.
+                let path = match &args.null_guest {
+                    Some(p) => p.with_file_name("counter.elf"),
+                    None => find_test_guest(&inputs.ember, "counter.elf"),
+                };
+                restore::RestoreGuest::counter(require(
+                    path,
+                    "the counter test guest",
+                    "build it with `make -C tests/guests`",
+                )?)
+            }
+            RestoreGuestName::Linux => restore::RestoreGuest::linux(
+                linux_kernel(args, inputs)?,
+                require(
+                    inputs.kit.join("initramfs.cpio"),
+                    "the kit's shell initramfs.cpio",
+                    "build the guest kit with scripts/kit.sh",
+                )?,
+                kvm == KvmKind::Pvm,
+            ),
+        };
+        out.push(g);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestoreGuestName {
+    Counter,
+    Linux,
+}
+
+/// `--restore-guest`'s words, each once, in order; checked before anything is launched.
+fn restore_guest_names(list: &str) -> Result<Vec<RestoreGuestName>, BenchError> {
+    let mut out = Vec::new();
+    for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let name = match word {
+            "counter" => RestoreGuestName::Counter,
+            "linux" => RestoreGuestName::Linux,
+            other => {
+                return Err(BenchError::Input(format!(
+                    "--restore-guest: `{other}` is not counter or linux"
+                )))
+            }
+        };
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+fn run_restore(
+    mut guest: restore::RestoreGuest,
+    args: &BenchArgs,
+    inputs: &Inputs,
+    wanted: &[Kind],
+    kvm: KvmKind,
+    guest_bytes: u64,
+) -> Result<restore::RestoreResult, BenchError> {
+    if let Some(t) = args.timeout {
+        guest.timeout = Duration::from_secs(t);
+    }
+    let null_guest = guest_for(Mode::Restore, args, inputs)?;
+    restore::run(
+        &guest,
+        &restore::Params {
+            inputs,
+            null_guest: &null_guest,
+            wanted,
+            rounds: rounds_for(Mode::Restore, args, kvm)?,
+            clones: args.clones,
+            guest_bytes,
+            memory: &args.memory,
+            quiet: args.quiet,
+        },
+    )
 }
 
 /// Probes a VMM's own memory with an interactive guest that waits on its console: the echo test
@@ -654,7 +800,9 @@ fn memory_probe(
             g.marker = "echo: ready".into();
             (g, "echo: ready", &b"quit\n"[..])
         }
-        Mode::Banner => return Err("no interactive guest in the banner mode".into()),
+        Mode::Banner | Mode::Restore => {
+            return Err(format!("no memory probe in the {} mode", mode.name()))
+        }
         Mode::Linux => {
             let shell = inputs.kit.join("initramfs.cpio");
             if !shell.is_file() {
@@ -668,10 +816,10 @@ fn memory_probe(
     };
     let s = systems::candidate(sys.kind, &inputs.ember, &probe_guest, None)?;
     let spec = s.spec("probe", marker, timeout, false);
-    memory::probe(&spec, guest_bytes, quit, 3)
+    memory::probe(&spec, memory::GuestRam::Anonymous(guest_bytes), quit, 3)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -686,17 +834,17 @@ fn command_line() -> String {
 }
 
 /// One progress line on stderr, rewritten in place with `\r`.
-struct Progress {
+pub(crate) struct Progress {
     on: bool,
     width: usize,
 }
 
 impl Progress {
-    fn new(on: bool) -> Progress {
+    pub(crate) fn new(on: bool) -> Progress {
         Progress { on, width: 0 }
     }
 
-    fn say(&mut self, text: &str) {
+    pub(crate) fn say(&mut self, text: &str) {
         if !self.on {
             return;
         }
@@ -706,7 +854,7 @@ impl Progress {
         let _ = std::io::stderr().flush();
     }
 
-    fn bar(&mut self, done: usize, total: usize, what: &str) {
+    pub(crate) fn bar(&mut self, done: usize, total: usize, what: &str) {
         const W: usize = 24;
         let filled = (done * W).checked_div(total).unwrap_or(0);
         let text = format!(
@@ -717,7 +865,7 @@ impl Progress {
         self.say(&text);
     }
 
-    fn done(&mut self) {
+    pub(crate) fn done(&mut self) {
         if self.on && self.width > 0 {
             eprint!("\r{}\r", " ".repeat(self.width));
             let _ = std::io::stderr().flush();
@@ -743,6 +891,8 @@ mod tests {
             timeout: None,
             json: None,
             chart: None,
+            clones: 8,
+            restore_guest: "counter".into(),
             quiet: true,
         }
     }
@@ -750,7 +900,10 @@ mod tests {
     #[test]
     fn pvm_hosts_run_every_mode_and_say_what_is_emulated() {
         let (m, notes) = modes(&args("auto"), KvmKind::Pvm).unwrap();
-        assert_eq!(m, vec![Mode::Null, Mode::Banner, Mode::Linux]);
+        assert_eq!(
+            m,
+            vec![Mode::Null, Mode::Banner, Mode::Linux, Mode::Restore]
+        );
         assert!(notes[0].contains("kvm_pvm") && notes[0].contains("emulated"));
         let (m, _) = modes(&args("linux"), KvmKind::Pvm).unwrap();
         assert_eq!(m, vec![Mode::Linux]);
@@ -758,8 +911,11 @@ mod tests {
         assert_eq!(m, vec![Mode::Null]);
         assert!(notes.is_empty(), "the null guest's figures need no caveat");
         let (m, notes) = modes(&args("auto"), KvmKind::Hardware).unwrap();
-        assert_eq!(m, vec![Mode::Null, Mode::Linux]);
+        assert_eq!(m, vec![Mode::Null, Mode::Linux, Mode::Restore]);
         assert!(notes.is_empty());
+        let (m, notes) = modes(&args("restore"), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Restore]);
+        assert!(notes.is_empty(), "no Linux kernel is booted: no caveat");
         let (m, _) = modes(&args("banner,null,banner"), KvmKind::Pvm).unwrap();
         assert_eq!(m, vec![Mode::Banner, Mode::Null]);
         assert!(modes(&args("xen"), KvmKind::Hardware).is_err());
@@ -773,5 +929,14 @@ mod tests {
         );
         assert_eq!(wanted_systems(None).unwrap(), Kind::ALL.to_vec());
         assert!(wanted_systems(Some("lxc")).is_err());
+    }
+
+    #[test]
+    fn restore_guests_list() {
+        assert_eq!(
+            restore_guest_names("linux, counter,linux").unwrap(),
+            vec![RestoreGuestName::Linux, RestoreGuestName::Counter]
+        );
+        assert!(restore_guest_names("windows").is_err());
     }
 }

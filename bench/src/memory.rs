@@ -3,11 +3,14 @@
 //! A VMM's RSS includes every guest page that was touched (loaded kernel, page tables, boot
 //! tables, the guest's own writes), which says nothing about the VMM. So the probe boots an
 //! interactive guest, and once it is ready (the VMM stopped doing start-up work) reads
-//! /proc/PID/smaps: the resident size of the guest RAM mapping (the largest anonymous mapping at
-//! least as large as the guest memory) and the process's RssAnon / RssFile. Then the guest is
-//! told to quit and the peak RSS (ru_maxrss) is read when it is reaped.
+//! /proc/PID/smaps: the resident size of the guest RAM mapping (a booted guest's: the largest
+//! anonymous mapping at least as large as the guest memory; a restored guest's: the mappings of
+//! the snapshot's memory file) and the process's RssAnon / RssFile. Then the guest is told to
+//! quit and the peak RSS (ru_maxrss) is read when it is reaped.
 //! own = peak RSS - guest RAM resident. File-backed pages (the binary, libc) count as Ember's:
 //! that is what a second VM would not share with anything but other Embers.
+
+use std::path::Path;
 
 use crate::trial::{self, Spec};
 
@@ -31,20 +34,40 @@ pub struct VmmMemory {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub guest_rss: u64,
+    /// The guest RAM mappings' PSS: a memory file's pages split among the processes mapping
+    /// them; anonymous guest RAM is nobody else's, so there it is its RSS.
+    pub guest_pss: u64,
     pub guest_mapping_kib: u64,
     pub rss_anon: u64,
     pub rss_file: u64,
+    /// VmRSS: the whole resident set (anonymous, file and shared memory).
+    pub rss: u64,
     pub pss: u64,
+}
+
+/// Where a VMM keeps guest RAM.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestRam<'a> {
+    /// Anonymous memory of at least this many bytes (a booted guest).
+    Anonymous(u64),
+    /// Private mappings of this file (a guest restored from a snapshot's memory file): pages the
+    /// guest only read are the page cache's, pages it wrote its own, both counted.
+    File(&'a Path),
 }
 
 /// Runs `spec` `runs` times (each writing `quit` to the guest console once ready) and keeps the
 /// run with the median own memory.
-pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<VmmMemory, String> {
+pub fn probe(
+    spec: &Spec,
+    ram: GuestRam<'_>,
+    quit: &[u8],
+    runs: usize,
+) -> Result<VmmMemory, String> {
     let mut results = Vec::new();
     for _ in 0..runs.max(1) {
         let mut snap: Option<Result<Snapshot, String>> = None;
         let mut hook = |pid: u32| {
-            snap = Some(snapshot(pid, guest_bytes));
+            snap = Some(snapshot(pid, ram));
             quit.to_vec()
         };
         let t = trial::run_with_hook(spec, Some(&mut hook)).map_err(|e| e.to_string())?;
@@ -58,7 +81,7 @@ pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<
             own: t.max_rss_kib.saturating_sub(s.guest_rss),
             rss_anon: s.rss_anon,
             rss_file: s.rss_file,
-            own_pss: s.pss.saturating_sub(s.guest_rss),
+            own_pss: s.pss.saturating_sub(s.guest_pss),
             guest_mapping_kib: s.guest_mapping_kib,
             runs: 0,
         });
@@ -71,48 +94,97 @@ pub fn probe(spec: &Spec, guest_bytes: u64, quit: &[u8], runs: usize) -> Result<
     Ok(m)
 }
 
-fn snapshot(pid: u32, guest_bytes: u64) -> Result<Snapshot, String> {
+pub fn snapshot(pid: u32, ram: GuestRam<'_>) -> Result<Snapshot, String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     // smaps_rollup: the kernel sums Pss for us (its absence only loses the PSS figure).
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let (guest_mapping_kib, guest_rss) = guest_mapping(&smaps, guest_bytes)
-        .ok_or_else(|| format!("no anonymous mapping of {} KiB or more", guest_bytes / 1024))?;
+    let (guest_mapping_kib, guest_rss, guest_pss) = match ram {
+        GuestRam::Anonymous(bytes) => guest_mapping(&smaps, bytes)
+            .map(|(size, rss)| (size, rss, rss))
+            .ok_or_else(|| format!("no anonymous mapping of {} KiB or more", bytes / 1024))?,
+        GuestRam::File(path) => file_mappings(&smaps, path)
+            .ok_or_else(|| format!("no mapping of {}", path.display()))?,
+    };
     Ok(Snapshot {
         guest_rss,
+        guest_pss,
         guest_mapping_kib,
         rss_anon: status_kib(&status, "RssAnon:").unwrap_or(0),
         rss_file: status_kib(&status, "RssFile:").unwrap_or(0),
+        rss: status_kib(&status, "VmRSS:").unwrap_or(0),
         pss: status_kib(&rollup, "Pss:").unwrap_or(0),
     })
 }
 
-/// (size KiB, Rss KiB) of the largest anonymous mapping of at least `min_bytes` in an smaps
-/// text. Anonymous: no path, or a bracketed pseudo-name other than the stack or heap.
-pub fn guest_mapping(smaps: &str, min_bytes: u64) -> Option<(u64, u64)> {
-    let mut best: Option<(u64, u64)> = None;
-    let mut current: Option<u64> = None;
-    for line in smaps.lines() {
-        if let Some(size) = mapping_header(line) {
-            current = size;
-            continue;
-        }
-        if let (Some(size), Some(rss)) = (current, line.strip_prefix("Rss:")) {
-            let rss = rss.split_whitespace().next()?.parse::<u64>().ok()?;
-            if size >= min_bytes && best.is_none_or(|(s, _)| size > s * 1024) {
-                best = Some((size / 1024, rss));
-            }
-            current = None;
-        }
-    }
-    best
+/// One mapping of an smaps text.
+#[derive(Debug, Clone, PartialEq)]
+struct Mapping {
+    size: u64,
+    /// No path, or a bracketed pseudo-name other than the stack or heap, or a memfd.
+    anonymous: bool,
+    path: String,
+    rss_kib: u64,
+    pss_kib: u64,
 }
 
-/// For an smaps mapping header: Some(Some(size)) for an anonymous mapping, Some(None) for a
-/// file or special one; None when the line is not a header.
-fn mapping_header(line: &str) -> Option<Option<u64>> {
+fn mappings(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(m) = mapping_header(line) {
+            out.push(m);
+            continue;
+        }
+        let Some(m) = out.last_mut() else {
+            continue;
+        };
+        // `Pss:` only: `Pss_Anon:` and the like are parts of it.
+        let field = |key: &str| {
+            line.strip_prefix(key)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        };
+        if let Some(v) = field("Rss:") {
+            m.rss_kib = v;
+        } else if let Some(v) = field("Pss:") {
+            m.pss_kib = v;
+        }
+    }
+    out
+}
+
+/// (size KiB, Rss KiB) of the largest anonymous mapping of at least `min_bytes` in an smaps
+/// text.
+pub fn guest_mapping(smaps: &str, min_bytes: u64) -> Option<(u64, u64)> {
+    mappings(smaps)
+        .into_iter()
+        .filter(|m| m.anonymous && m.size >= min_bytes)
+        .max_by_key(|m| m.size)
+        .map(|m| (m.size / 1024, m.rss_kib))
+}
+
+/// (size KiB, Rss KiB, Pss KiB) summed over the mappings of `file` (guest RAM below and above
+/// the 32-bit hole are mapped apart).
+pub fn file_mappings(smaps: &str, file: &Path) -> Option<(u64, u64, u64)> {
+    let want = file.to_string_lossy();
+    let found: Vec<Mapping> = mappings(smaps)
+        .into_iter()
+        .filter(|m| m.path == want)
+        .collect();
+    if found.is_empty() {
+        return None;
+    }
+    Some(found.iter().fold((0, 0, 0), |(s, r, p), m| {
+        (s + m.size / 1024, r + m.rss_kib, p + m.pss_kib)
+    }))
+}
+
+/// The mapping an smaps header line opens; None when the line is not a header.
+fn mapping_header(line: &str) -> Option<Mapping> {
     let mut f = line.split_whitespace();
     let range = f.next()?;
     let (a, b) = range.split_once('-')?;
@@ -127,11 +199,17 @@ fn mapping_header(line: &str) -> Option<Option<u64>> {
     let _dev = f.next()?;
     let inode = f.next()?;
     let path = f.collect::<Vec<_>>().join(" ");
-    let anon = inode == "0"
+    let anonymous = inode == "0"
         && (path.is_empty()
             || (path.starts_with('[') && path != "[stack]" && path != "[heap]")
             || path.starts_with("/memfd:"));
-    Some(anon.then_some(b.saturating_sub(a)))
+    Some(Mapping {
+        size: b.saturating_sub(a),
+        anonymous,
+        path,
+        rss_kib: 0,
+        pss_kib: 0,
+    })
 }
 
 fn status_kib(status: &str, key: &str) -> Option<u64> {
@@ -162,6 +240,15 @@ Rss:                 500 kB
 7ffd00000000-7ffd10000000 rw-p 00000000 00:00 0      [stack]
 Size:             262144 kB
 Rss:                  12 kB
+7f2000000000-7f2008000000 rw-p 00000000 fe:01 777    /tmp/snap dir/mem
+Size:             131072 kB
+Rss:                2048 kB
+Pss:                 512 kB
+Pss_Anon:            100 kB
+7f2100000000-7f2100100000 rw-p 08000000 fe:01 777    /tmp/snap dir/mem
+Size:               1024 kB
+Rss:                   8 kB
+Pss:                   4 kB
 ";
 
     #[test]
@@ -170,6 +257,15 @@ Rss:                  12 kB
         // A smaller threshold still picks the largest anonymous one, never the stack.
         assert_eq!(guest_mapping(SMAPS, 1 << 20), Some((131072, 60)));
         assert_eq!(guest_mapping(SMAPS, 256 << 20), None);
+    }
+
+    #[test]
+    fn finds_a_memory_files_mappings_and_sums_them() {
+        assert_eq!(
+            file_mappings(SMAPS, Path::new("/tmp/snap dir/mem")),
+            Some((132096, 2056, 516))
+        );
+        assert_eq!(file_mappings(SMAPS, Path::new("/tmp/snap dir/me")), None);
     }
 
     #[test]
@@ -189,8 +285,9 @@ Rss:                  12 kB
             marker: "x: ready".into(),
             timeout: Duration::from_secs(10),
             stop_at_ready: false,
+            input: Vec::new(),
         };
-        let e = probe(&spec, 1 << 40, b"quit\n", 1).unwrap_err();
+        let e = probe(&spec, GuestRam::Anonymous(1 << 40), b"quit\n", 1).unwrap_err();
         assert!(e.contains("no anonymous mapping"), "{e}");
     }
 }

@@ -22,10 +22,12 @@ pub enum Kind {
     Podman,
     Docker,
     Qemu,
+    /// Restore mode only, and only where it is installed: its snapshot load.
+    Firecracker,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Ember,
         Kind::Floor,
         Kind::Crun,
@@ -33,6 +35,7 @@ impl Kind {
         Kind::Podman,
         Kind::Docker,
         Kind::Qemu,
+        Kind::Firecracker,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Podman => "podman",
             Kind::Docker => "docker",
             Kind::Qemu => "qemu",
+            Kind::Firecracker => "firecracker",
         }
     }
 
@@ -52,7 +56,7 @@ impl Kind {
     }
 
     pub fn is_vm(self) -> bool {
-        matches!(self, Kind::Ember | Kind::Qemu)
+        matches!(self, Kind::Ember | Kind::Qemu | Kind::Firecracker)
     }
 }
 
@@ -107,6 +111,7 @@ impl System {
             marker: marker.to_string(),
             timeout,
             stop_at_ready,
+            input: Vec::new(),
         }
     }
 
@@ -298,6 +303,9 @@ pub fn candidate(
     // Only the containers use the bundle; the VMMs are probed without one.
     let no_bundle = || format!("{} needs an OCI bundle", kind.name());
     match kind {
+        Kind::Firecracker => {
+            Err("Firecracker is benchmarked in the restore mode only (its snapshot load)".into())
+        }
         Kind::Floor => {
             let program = ember
                 .parent()

@@ -33,6 +33,9 @@ pub struct Spec {
     /// a second): for guests that never exit by themselves. The run then counts as good
     /// whatever its exit status.
     pub stop_at_ready: bool,
+    /// Written to the child's stdin right after spawn (stdin is then a pipe, kept open until
+    /// the child exits): input a restored guest answers as soon as it runs.
+    pub input: Vec<u8>,
 }
 
 /// How a process ended.
@@ -76,14 +79,7 @@ impl Trial {
 
     /// One line saying why a run was not good, for the report.
     pub fn failure(&self) -> String {
-        let err = String::from_utf8_lossy(&self.stderr);
-        // A tool's own error line says most; else its last words on stderr.
-        let line = err
-            .lines()
-            .find(|l| l.contains("error"))
-            .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()))
-            .unwrap_or("")
-            .trim();
+        let line = telling_line(&self.stderr);
         let what = if self.ready.is_none() {
             "no ready line"
         } else {
@@ -92,9 +88,21 @@ impl Trial {
         if line.is_empty() {
             format!("{what}, {}", self.ending)
         } else {
-            format!("{what}, {}: {}", self.ending, clip(line, 160))
+            format!("{what}, {}: {}", self.ending, clip(&line, 160))
         }
     }
+}
+
+/// The stderr line that says most about a failure: a tool's own error line, else its last words
+/// (empty when it said nothing).
+pub(crate) fn telling_line(stderr: &[u8]) -> String {
+    let err = String::from_utf8_lossy(stderr);
+    err.lines()
+        .find(|l| l.contains("error"))
+        .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,15 +132,28 @@ pub enum TrialError {
 /// are written to the child's stdin (which is a pipe only when a hook is given).
 pub type ReadyHook<'a> = &'a mut dyn FnMut(u32) -> Vec<u8>;
 
+/// Called once right after spawn, with the child's pid, before the clock's first poll: for work
+/// that goes with the launch (a request to the VMM's API socket, from a thread of its own so
+/// that the output is still timed as it comes).
+pub type SpawnHook<'a> = &'a mut dyn FnMut(u32);
+
 /// Launches `spec` once and measures it.
 pub fn run(spec: &Spec) -> Result<Trial, TrialError> {
-    run_with_hook(spec, None)
+    run_with_hooks(spec, None, None)
 }
 
-pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Trial, TrialError> {
+pub fn run_with_hook(spec: &Spec, hook: Option<ReadyHook<'_>>) -> Result<Trial, TrialError> {
+    run_with_hooks(spec, None, hook)
+}
+
+pub fn run_with_hooks(
+    spec: &Spec,
+    on_spawn: Option<SpawnHook<'_>>,
+    mut hook: Option<ReadyHook<'_>>,
+) -> Result<Trial, TrialError> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
-        .stdin(if hook.is_some() {
+        .stdin(if hook.is_some() || !spec.input.is_empty() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -148,6 +169,14 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
     })?;
     let pid = child.id() as libc::pid_t;
     let mut stdin = child.stdin.take();
+    if let Some(w) = stdin.as_mut().filter(|_| !spec.input.is_empty()) {
+        // A pipe takes this much without blocking; a child that is already gone shows that by
+        // its exit, which is what the report tells.
+        let _ = w.write_all(&spec.input).and_then(|_| w.flush());
+    }
+    if let Some(h) = on_spawn {
+        h(pid as u32);
+    }
     let stdout: OwnedFd = child.stdout.take().map(Into::into).ok_or(TrialError::Sys {
         what: "stdout pipe",
         source: io::Error::other("missing"),
@@ -213,14 +242,8 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
         if fds[0].revents != 0 {
             let was_ready = watch.ready.is_some();
             watch.read_out();
-            if !was_ready && watch.ready.is_some() && spec.stop_at_ready {
-                // SIGTERM first: a VMM that stops cleanly still reports its timings.
-                // SAFETY: pid is our unreaped child.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                stopped = true;
-                deadline = Instant::now() + Duration::from_secs(1);
-            }
             if !was_ready && watch.ready.is_some() {
+                // The hook first: it may read /proc of a process the stop below ends.
                 if let Some(h) = hook.as_mut() {
                     let bytes = h(pid as u32);
                     if let Some(w) = stdin.as_mut() {
@@ -228,6 +251,13 @@ pub fn run_with_hook(spec: &Spec, mut hook: Option<ReadyHook<'_>>) -> Result<Tri
                         let _ = w.write_all(&bytes).and_then(|_| w.flush());
                     }
                 }
+            }
+            if !was_ready && watch.ready.is_some() && spec.stop_at_ready {
+                // SIGTERM first: a VMM that stops cleanly still reports its timings.
+                // SAFETY: pid is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                stopped = true;
+                deadline = Instant::now() + Duration::from_secs(1);
             }
         }
         if fds[1].revents != 0 {
@@ -300,7 +330,7 @@ impl Watch<'_> {
 }
 
 /// True when `needle` occurs in `hay` in a match that ends after `new_from` (new bytes only).
-fn contains_from(hay: &[u8], needle: &[u8], new_from: usize) -> bool {
+pub(crate) fn contains_from(hay: &[u8], needle: &[u8], new_from: usize) -> bool {
     if needle.is_empty() {
         return true;
     }
@@ -310,14 +340,14 @@ fn contains_from(hay: &[u8], needle: &[u8], new_from: usize) -> bool {
 }
 
 /// A non-blocking pipe end and what came out of it.
-struct Pipe {
+pub(crate) struct Pipe {
     file: std::fs::File,
-    buf: Vec<u8>,
-    eof: bool,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) eof: bool,
 }
 
 impl Pipe {
-    fn new(fd: OwnedFd) -> Result<Pipe, TrialError> {
+    pub(crate) fn new(fd: OwnedFd) -> Result<Pipe, TrialError> {
         let raw = fd.as_fd().as_raw_fd();
         // SAFETY: raw is an open descriptor we own; fcntl only changes its flags.
         let ok = unsafe {
@@ -338,7 +368,7 @@ impl Pipe {
     }
 
     /// -1 once at EOF: poll ignores negative descriptors.
-    fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         if self.eof {
             -1
         } else {
@@ -346,7 +376,7 @@ impl Pipe {
         }
     }
 
-    fn read_available(&mut self) {
+    pub(crate) fn read_available(&mut self) {
         let mut chunk = [0u8; 16384];
         loop {
             match self.file.read(&mut chunk) {
@@ -366,7 +396,7 @@ impl Pipe {
     }
 }
 
-fn pollfd(fd: RawFd, wanted: bool) -> libc::pollfd {
+pub(crate) fn pollfd(fd: RawFd, wanted: bool) -> libc::pollfd {
     libc::pollfd {
         fd: if wanted { fd } else { -1 },
         events: libc::POLLIN,
@@ -374,7 +404,7 @@ fn pollfd(fd: RawFd, wanted: bool) -> libc::pollfd {
     }
 }
 
-fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, TrialError> {
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, TrialError> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -388,7 +418,7 @@ fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, TrialError> {
 }
 
 /// Reaps `pid` and returns how it ended and its ru_maxrss (KiB).
-fn wait4(pid: libc::pid_t) -> io::Result<(Ending, u64)> {
+pub(crate) fn wait4(pid: libc::pid_t) -> io::Result<(Ending, u64)> {
     let mut status = 0;
     // SAFETY: rusage is plain old data; wait4 fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -411,7 +441,7 @@ fn wait4(pid: libc::pid_t) -> io::Result<(Ending, u64)> {
     Ok((ending, ru.ru_maxrss.max(0) as u64))
 }
 
-fn kill_group(pid: libc::pid_t) {
+pub(crate) fn kill_group(pid: libc::pid_t) {
     // SAFETY: kill with a negative pid signals the process group the child leads.
     unsafe {
         libc::kill(-pid, libc::SIGKILL);
@@ -440,6 +470,7 @@ mod tests {
             marker: marker.into(),
             timeout: Duration::from_millis(timeout_ms),
             stop_at_ready: false,
+            input: Vec::new(),
         }
     }
 
@@ -528,6 +559,17 @@ mod tests {
     }
 
     #[test]
+    fn input_goes_in_at_spawn_and_the_spawn_hook_sees_the_pid() {
+        let mut spec = sh("read line; echo \"x: $line\"", "x: hello", 10_000);
+        spec.input = b"hello\n".to_vec();
+        let mut seen = 0;
+        let mut on_spawn = |pid: u32| seen = pid;
+        let t = run_with_hooks(&spec, Some(&mut on_spawn), None).unwrap();
+        assert!(t.ok(), "{}", t.failure());
+        assert!(seen > 0);
+    }
+
+    #[test]
     fn a_missing_program_is_a_spawn_error() {
         let spec = Spec {
             program: "/nonexistent/ember-bench-test".into(),
@@ -535,6 +577,7 @@ mod tests {
             marker: "x".into(),
             timeout: Duration::from_secs(1),
             stop_at_ready: false,
+            input: Vec::new(),
         };
         assert!(matches!(run(&spec), Err(TrialError::Spawn { .. })));
     }

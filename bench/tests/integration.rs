@@ -48,7 +48,15 @@ mod bench_cli {
             (&["--systems", "lxc"][..], "unknown system `lxc`"),
             (
                 &["--guest", "xen"],
-                "`xen` is not null, linux, banner or auto",
+                "`xen` is not null, linux, banner, restore or auto",
+            ),
+            (
+                &["--guest", "restore", "--clones", "0"],
+                "--clones: 0 is not",
+            ),
+            (
+                &["--restore-guest", "windows"],
+                "`windows` is not counter or linux",
             ),
             (&["--memory", "12"], "--memory: "),
         ] {

@@ -1,5 +1,6 @@
 //! `ember bench` end to end, small: the null-guest mode with Ember only (plus a peer that cannot
-//! run here), checking what a user reads: the report, the JSON figures and the SVG chart.
+//! run here), and the restore mode with crun where it is installed, checking what a user reads:
+//! the report, the JSON figures and the SVG chart.
 
 use std::time::Duration;
 
@@ -161,4 +162,111 @@ fn the_floor_runs_and_the_report_gives_ember_as_a_ratio_to_it() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{ratio}"));
     assert!(ready > 0.0, "{ratio}");
+}
+
+/// The restore mode, small: two rounds, two clones. Every row it reports has its figures, the
+/// JSON has the set-up, the rows, the density and the goals, and crun (where it is installed)
+/// is the container it is compared with.
+#[test]
+fn bench_restore_mode_reports_restore_rows_density_and_json() {
+    require_bench_binaries();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-restore-e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let _ = std::fs::remove_file(&json);
+    // The counter guest is found next to the null guest.
+    let hello = common::guest("hello");
+    let crun = ["/usr/bin/crun", "/usr/local/bin/crun", "/usr/sbin/crun"]
+        .iter()
+        .any(|p| std::path::Path::new(p).is_file());
+    let systems = if crun { "ember,crun" } else { "ember" };
+    let run = run_ember(
+        &[
+            "bench",
+            "--guest",
+            "restore",
+            "--null-guest",
+            hello.to_str().unwrap(),
+            "--systems",
+            systems,
+            "--rounds",
+            "2",
+            "--clones",
+            "2",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(180),
+    );
+    let out = run.ok();
+    assert!(
+        out.contains("== snapshot restore, counter guest: 2 rounds"),
+        "{out}"
+    );
+    assert!(out.contains("snapshot create "), "{out}");
+    // `LABEL  2/2  min median p90 max ...`: every row ran both rounds, with numbers.
+    let mut labels = vec![
+        "ember restore",
+        "ember restore --prefault",
+        "ember API load",
+        "ember boot (null guest)",
+    ];
+    if crun {
+        labels.push("crun");
+    }
+    for label in &labels {
+        let row = out
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(label)?;
+                let mut w = rest.split_whitespace();
+                (rest.starts_with("  ") && w.next() == Some("2/2")).then(|| w.next())
+            })
+            .flatten()
+            .unwrap_or_else(|| panic!("no `{label}` row with 2/2 good runs:\n{out}"));
+        let min: f64 = row.parse().unwrap_or_else(|_| panic!("{label}: {row}"));
+        assert!(min > 0.0 && min < 30_000.0, "{label}: {min}");
+    }
+    assert!(out.contains("firecracker: not run: "), "{out}");
+    assert!(out.contains("ember restore own memory: "), "{out}");
+    assert!(out.contains("density, ember restore: 2 clones"), "{out}");
+    assert!(
+        out.contains("density, ember restore --prefault: 2 clones"),
+        "{out}"
+    );
+    assert!(out.contains("goals (issue 12): "), "{out}");
+    if crun {
+        assert!(
+            out.contains("launch -> ready over a crun container start (medians): ember restore "),
+            "{out}"
+        );
+    }
+
+    let j = compact_json(&std::fs::read_to_string(&json).unwrap());
+    let restore = j
+        .split("\"restore\":[{")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no restore section: {j}"));
+    for field in [
+        "\"guest_name\":\"counter\"",
+        "\"snapshot_create_ms\":",
+        "\"memory_file_bytes\":134217728",
+        "\"memory_file_disk_bytes\":",
+        "\"label\":\"ember restore\",\"marker\":\"counter: got r\",\"system\":\"ember\"",
+        "\"label\":\"ember restore --prefault\"",
+        "\"load_request_ms\":{",
+        "\"good_runs\":2,\"runs\":2",
+        "\"density\":[{\"label\":\"ember restore\",\"prefault\":false,\"clones\":2,\"good_rounds\":2",
+        "\"pss_per_clone_mib\":{",
+        "\"total_pss_over_n_x_guest_ram\":",
+        "\"goals\":{\"faster_than_crun\":",
+    ] {
+        assert!(restore.contains(field), "no {field} in {restore}");
+    }
+    if crun {
+        assert!(restore.contains("\"label\":\"crun\""), "{restore}");
+        assert!(!restore.contains("\"faster_than_crun\":null"), "{restore}");
+    }
 }
