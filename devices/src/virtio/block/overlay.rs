@@ -35,7 +35,7 @@
 //! price is the map: 32 KiB per GiB of disk on file, and in memory only for the 128 MiB regions
 //! the guest wrote (4 KiB each).
 //!
-//! **Why not qcow2.** Its crates on crates.io (imago, qcow2-rs) are pre-1.0, async-first (tokio)
+//! **Why not qcow2.** The qcow2 crates on crates.io are pre-1.0 and async-first (tokio),
 //! and bring a dozen dependencies whose system calls the disk thread's seccomp filter would have
 //! to allow, and qcow2's own metadata (L1/L2 tables, refcounts) needs far more care to stay
 //! consistent across a crash than one bit per block does. Here a block stays at its own offset
