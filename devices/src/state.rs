@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the state encoding: every `*State` struct's fields, in order. A snapshot
 /// records it, and a restore refuses any other version rather than misread the bytes.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// 2: `BlockState` has the disk's overlay.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// How every device saves and restores its state; one pattern for all of them.
 ///
@@ -59,6 +60,8 @@ pub enum StateError {
         what: &'static str,
         reason: &'static str,
     },
+    #[error("{what} cannot save its state: {reason}")]
+    Failed { what: &'static str, reason: String },
 }
 
 /// The last part of a type's path, to name it in errors.

@@ -1,8 +1,10 @@
 //! virtio-blk queue processing over arbitrary guest memory: the driver's descriptor table, avail
 //! ring, used ring and data all come from the fuzzer, as does the number of available entries
 //! each time the queue is served. The device is activated the way the transport does it and
-//! serves the queue as it does on the event loop (`process_queue`). Besides not panicking or
-//! hanging: a read-only image is never changed.
+//! serves the queue as it does on the event loop (`process_queue`). The disk is a plain image or
+//! a copy-on-write one (the same image as its base, under a tmp overlay or an overlay file that
+//! lives on from input to input). Besides not panicking or hanging: a read-only image, and a base
+//! under an overlay, are never changed.
 #![no_main]
 
 use std::os::unix::fs::FileExt;
@@ -11,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use ember_devices::virtio::block::QUEUE_SIZE;
 use ember_devices::virtio::VirtioDevice;
-use ember_devices::virtio::{Block, DiskConfig, Interrupt};
+use ember_devices::virtio::{Block, DiskConfig, Interrupt, OverlayConfig};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -50,6 +52,8 @@ struct Input {
     rounds: Vec<u16>,
     /// Occasionally the rings themselves are placed elsewhere (maybe outside memory).
     odd_rings: Option<(u64, u64, u64)>,
+    /// 0: the image itself; 1: under a tmp overlay; 2: under the overlay file.
+    backend: u8,
 }
 
 fn image_path() -> &'static std::path::Path {
@@ -60,6 +64,13 @@ fn image_path() -> &'static std::path::Path {
         let bytes: Vec<u8> = (0..SECTORS * 512).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all_at(&bytes, 0).unwrap();
         p
+    })
+}
+
+fn overlay_path() -> &'static std::path::Path {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("ember-fuzz-blk-{}.ovl", std::process::id()))
     })
 }
 
@@ -95,13 +106,22 @@ fuzz_target!(|input: Input| {
     mem.write_slice(&input.buffers[..n], GuestAddress(BUFFERS))
         .unwrap();
 
+    let overlay = match input.backend % 3 {
+        0 => None,
+        1 => Some(OverlayConfig::Tmp),
+        _ => Some(OverlayConfig::File(overlay_path().to_path_buf())),
+    };
+    // readonly=on with an overlay is a user error, refused before any guest.
+    let readonly = input.readonly && overlay.is_none();
+    let unchanged = readonly || overlay.is_some();
     let mut block = Block::new(&DiskConfig {
         path: image_path().to_path_buf(),
-        readonly: input.readonly,
+        readonly,
         id: None,
+        overlay,
     })
     .unwrap();
-    let before = input.readonly.then(image_bytes);
+    let before = unchanged.then(image_bytes);
 
     let size = 1u16 << (input.size_log2 % 9);
     let mut queue = Queue::new(QUEUE_SIZE).unwrap();
@@ -133,6 +153,9 @@ fuzz_target!(|input: Input| {
     block.reset();
     block.process_queue(0);
     if let Some(before) = before {
-        assert!(before == image_bytes(), "a read-only image changed");
+        assert!(
+            before == image_bytes(),
+            "a read-only image or an overlay's base changed"
+        );
     }
 });

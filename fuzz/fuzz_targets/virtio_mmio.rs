@@ -111,6 +111,7 @@ fuzz_target!(|ops: Vec<Op>| {
         path: image_path().to_path_buf(),
         readonly: false,
         id: Some("fuzz".into()),
+        overlay: None,
     })
     .unwrap();
     let dev: Shared = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block).unwrap()));

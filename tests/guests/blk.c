@@ -3,7 +3,9 @@
  * the Nth, default 0) and, by `blk.mode=`:
  *   rw      (default) reads the first READ_SECTORS sectors in one two-segment request and prints
  *           their FNV-1a 64 checksum, writes write_pattern() to the last sector, flushes, reads it
- *           back: `blk: write ok`, `blk: flush ok`, `blk: readback ok`.
+ *           back: `blk: write ok`, `blk: flush ok`, `blk: readback ok`. `blk.sector=N` writes
+ *           sector N instead, `blk.tag=T` (0-255) makes the pattern its own (tests of copy-on-write
+ *           disks tell one VM's write from another's by it).
  *   ro      the same read, then a write that must fail: `blk: write status 1`.
  *   hostile sends malformed chains, printing `blk: hostile NAME status S len L` for each (S 255:
  *           the device returned the chain without writing a status), then a valid read.
@@ -266,12 +268,14 @@ static u64 fnv1a(const u8 *p, usize n)
 	return h;
 }
 
-/* What the rw mode writes to the last sector; the host test rebuilds it. */
-static void write_pattern(u8 *p)
+static u64 param_u64(const char *key, u64 def);
+
+/* What the rw mode writes; the host test rebuilds it. */
+static void write_pattern(u8 *p, u64 tag)
 {
 	const char *m = "ember blk write\n";
 	for (u32 i = 0; i < 512; i++)
-		p[i] = (u8)(i * 7 + 3);
+		p[i] = (u8)(i * 7 + 3 + tag);
 	for (u32 i = 0; m[i]; i++)
 		p[i] = (u8)m[i];
 }
@@ -321,8 +325,9 @@ static void mode_rw(void)
 	static u8 back[512];
 	struct buf d = { (u64)sector_buf, 512, 0 };
 	u32 len;
-	write_pattern(sector_buf);
-	u8 s = request(T_OUT, capacity - 1, &d, 1, &len);
+	u64 sector = param_u64("blk.sector=", capacity - 1);
+	write_pattern(sector_buf, param_u64("blk.tag=", 0) & 0xff);
+	u8 s = request(T_OUT, sector, &d, 1, &len);
 	if (s != 0) {
 		print_status("write", s, len);
 		return;
@@ -335,7 +340,7 @@ static void mode_rw(void)
 	}
 	println("blk: flush ok");
 	struct buf r = { (u64)back, 512, D_WRITE };
-	s = request(T_IN, capacity - 1, &r, 1, &len);
+	s = request(T_IN, sector, &r, 1, &len);
 	println(s == 0 && !memcmp(back, sector_buf, 512) ? "blk: readback ok" : "blk: readback differs");
 }
 
@@ -343,7 +348,7 @@ static void mode_ro(void)
 {
 	struct buf d = { (u64)sector_buf, 512, 0 };
 	u32 len;
-	write_pattern(sector_buf);
+	write_pattern(sector_buf, 0);
 	u8 s = request(T_OUT, 0, &d, 1, &len);
 	puts("blk: write status ");
 	put_dec(s);

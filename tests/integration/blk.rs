@@ -1,6 +1,7 @@
 //! virtio-blk end to end: the `blk` test guest (tests/guests/blk.c) drives Ember's virtio-mmio
 //! block device by polling, and the host checks what it read against the image, and what it wrote
-//! in the image after Ember is gone. Also the user errors a `--disk` can produce.
+//! in the image after Ember is gone. Also the user errors a `--disk` can produce, and copy-on-write
+//! disks (`overlay=`): what the guest reads and writes, what the base and overlay files hold.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -44,7 +45,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// What the guest's rw mode writes to the last sector (write_pattern() in blk.c).
 fn write_pattern() -> Vec<u8> {
-    let mut p: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+    tagged_pattern(0)
+}
+
+/// What the rw mode writes with `blk.tag=TAG`.
+fn tagged_pattern(tag: u32) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3 + tag) as u8).collect();
     let marker = b"ember blk write\n";
     p[..marker.len()].copy_from_slice(marker);
     p
@@ -55,6 +61,10 @@ fn disk_arg(path: &Path, extra: &str) -> String {
 }
 
 fn run_blk(mode: &str, disks: &[String], more_cmdline: &str) -> Run {
+    run_blk_env(mode, disks, more_cmdline, &[])
+}
+
+fn run_blk_env(mode: &str, disks: &[String], more_cmdline: &str, env: &[(&str, &Path)]) -> Run {
     common::kvm_kind();
     let kernel = common::guest("blk");
     let cmdline = format!("console=ttyS0 blk.mode={mode} {more_cmdline}");
@@ -70,7 +80,12 @@ fn run_blk(mode: &str, disks: &[String], more_cmdline: &str) -> Run {
         args.push(d.clone());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = common::run_ember(&args, b"", DEADLINE);
+    let mut cmd = Command::new(common::ember());
+    cmd.args(&args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let run = common::run_command(cmd, b"", DEADLINE);
     eprintln!(
         "ember {}: {:?}, {:?}\nstdout:\n{}\nstderr:\n{}",
         args.join(" "),
@@ -376,4 +391,255 @@ fn blk_missing_disk_is_a_clear_error() {
     let line = run.user_error();
     assert!(line.contains(&img.display().to_string()), "{line}");
     assert!(!img.exists(), "ember created the missing image");
+}
+
+// ---- copy-on-write disks ------------------------------------------------------------------
+
+/// A path in the scratch directory for an overlay (or anything else), nothing there yet.
+fn scratch_file(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("blk-scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn overlay_arg(base: &Path, overlay: &Path) -> String {
+    format!("path={},overlay={}", base.display(), overlay.display())
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `base` with each (sector, tag) written by the rw mode.
+fn with_writes(base: &[u8], writes: &[(u64, u32)]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for &(sector, tag) in writes {
+        let at = sector as usize * 512;
+        v[at..at + 512].copy_from_slice(&tagged_pattern(tag));
+    }
+    v
+}
+
+/// The guest's rw mode over `disk`, writing `sector` with `tag`; checks it wrote, flushed and
+/// read back, and returns the checksum of what it read (before writing).
+fn rw_run(disk: &str, sector: u64, tag: u32) -> u64 {
+    let run = run_blk(
+        "rw",
+        &[disk.to_string()],
+        &format!("blk.sector={sector} blk.tag={tag}"),
+    );
+    let out = run.ok();
+    assert_no_guest_error(out);
+    for l in ["write ok", "flush ok", "readback ok"] {
+        assert!(blk_lines(out).contains(&l), "no `blk: {l}`:\n{out}");
+    }
+    assert_eq!(line_value(out, "capacity "), SECTORS.to_string());
+    checksum_of(out)
+}
+
+/// The overlay's bytes for disk sector `sector`, where its header says its data starts.
+fn overlay_sector(overlay: &Path, sector: u64) -> Vec<u8> {
+    let f = std::fs::File::open(overlay).unwrap();
+    let mut header = [0u8; 48];
+    f.read_exact_at(&mut header, 0).unwrap();
+    assert_eq!(
+        &header[..8],
+        b"EMBEROVL",
+        "{} is an overlay",
+        overlay.display()
+    );
+    let data_offset = u64::from_le_bytes(header[40..48].try_into().unwrap());
+    let mut v = vec![0u8; 512];
+    f.read_exact_at(&mut v, data_offset + sector * 512).unwrap();
+    v
+}
+
+#[test]
+fn blk_overlay_takes_the_writes_and_the_base_never_changes() {
+    let base = image("ov-base", SECTORS, 11);
+    let before = std::fs::read(&base).unwrap();
+    let (sha, mtime) = (
+        sha256(&base),
+        std::fs::metadata(&base).unwrap().modified().unwrap(),
+    );
+    let ov = scratch_file("ov-one.ovl");
+    let disk = overlay_arg(&base, &ov);
+
+    // A sector inside the first 4 KiB block: the rest of the block is copied up from the base.
+    assert_eq!(rw_run(&disk, 3, 1), fnv1a(&before[..READ_BYTES]));
+    assert_eq!(overlay_sector(&ov, 3), tagged_pattern(1));
+    // A second run over the same overlay reads the first run's write, and the base around it.
+    let first = with_writes(&before, &[(3, 1)]);
+    assert_eq!(rw_run(&disk, 5, 2), fnv1a(&first[..READ_BYTES]));
+    assert_eq!(overlay_sector(&ov, 5), tagged_pattern(2));
+    let both = with_writes(&before, &[(3, 1), (5, 2)]);
+    assert_eq!(rw_run(&disk, SECTORS - 1, 3), fnv1a(&both[..READ_BYTES]));
+
+    assert_eq!(sha256(&base), sha, "the base's sha256 changed");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+    assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), mtime);
+    let _ = std::fs::remove_file(&ov);
+}
+
+#[test]
+fn blk_two_overlays_over_one_base_see_only_their_own_writes() {
+    let base = image("ov-shared", SECTORS, 12);
+    let before = std::fs::read(&base).unwrap();
+    let sha = sha256(&base);
+    let (a, b, h) = (
+        scratch_file("ov-a.ovl"),
+        scratch_file("ov-b.ovl"),
+        scratch_file("ov-held.ovl"),
+    );
+    // A third VM holds the base (shared) all along.
+    let (held, _rx) = hold_disk(&overlay_arg(&base, &h));
+    // Two VMs at once, each writing its own bytes to the same sector.
+    let (da, db) = (overlay_arg(&base, &a), overlay_arg(&base, &b));
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| rw_run(&da, 3, 1));
+        let tb = s.spawn(|| rw_run(&db, 3, 2));
+        let want = fnv1a(&before[..READ_BYTES]);
+        assert_eq!(ta.join().unwrap(), want);
+        assert_eq!(tb.join().unwrap(), want);
+    });
+    // A disk that would write the base is kept out while overlays share it.
+    let line = run_blk("ro", &[disk_arg(&base, "")], "")
+        .user_error()
+        .to_string();
+    assert!(line.contains("in use by another process"), "{line}");
+    release(held);
+
+    for (disk, tag) in [(&da, 1), (&db, 2)] {
+        let mine = with_writes(&before, &[(3, tag)]);
+        assert_eq!(
+            rw_run(disk, 9, tag),
+            fnv1a(&mine[..READ_BYTES]),
+            "tag {tag}"
+        );
+    }
+    assert_eq!(sha256(&base), sha, "the base's sha256 changed");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+    for p in [a, b, h] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn blk_overlay_flushed_write_survives_kill_9() {
+    let base = image("ov-kill9", SECTORS, 13);
+    let before = std::fs::read(&base).unwrap();
+    let ov = scratch_file("ov-kill9.ovl");
+    let disk = overlay_arg(&base, &ov);
+    let kernel = common::guest("blk");
+    let mut ember = spawn_ember(
+        &kernel,
+        "console=ttyS0 blk.mode=rw blk.sector=3 blk.tag=4",
+        &disk,
+    );
+    let rx = line_reader(&mut ember.0);
+    wait_for(&rx, "blk: flush ok", &mut Vec::new());
+    ember.0.kill().unwrap();
+    ember.0.wait().unwrap();
+    drop(ember);
+    let flushed = with_writes(&before, &[(3, 4)]);
+    assert_eq!(rw_run(&disk, 5, 5), fnv1a(&flushed[..READ_BYTES]));
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+    let _ = std::fs::remove_file(&ov);
+}
+
+#[test]
+fn blk_overlay_tmp_leaves_nothing_behind() {
+    let base = image("ov-tmp", SECTORS, 14);
+    let before = std::fs::read(&base).unwrap();
+    let tmpdir = scratch_file("tmpdir");
+    let _ = std::fs::remove_dir_all(&tmpdir);
+    std::fs::create_dir_all(&tmpdir).unwrap();
+    let disk = format!("path={},overlay=tmp", base.display());
+    for sector in [3, 5] {
+        let run = run_blk_env(
+            "rw",
+            std::slice::from_ref(&disk),
+            &format!("blk.sector={sector} blk.tag=6"),
+            &[("TMPDIR", &tmpdir)],
+        );
+        let out = run.ok();
+        assert_no_guest_error(out);
+        assert!(blk_lines(out).contains(&"readback ok"), "{out}");
+        // Each run starts from the base: the last one's write went with it.
+        assert_eq!(checksum_of(out), fnv1a(&before[..READ_BYTES]));
+        let left: Vec<_> = std::fs::read_dir(&tmpdir).unwrap().flatten().collect();
+        assert!(left.is_empty(), "left in $TMPDIR: {left:?}");
+    }
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+    let _ = std::fs::remove_dir_all(&tmpdir);
+}
+
+#[test]
+fn blk_overlay_user_errors_are_one_line_each() {
+    let base = image("ov-errors", SECTORS, 15);
+    let ov = scratch_file("ov-errors.ovl");
+    let refused = |disk: &str, want: &[&str]| {
+        let run = run_blk("rw", &[disk.to_string()], "");
+        let line = run.user_error().to_string();
+        assert_eq!(run.status.code(), Some(1), "{line}");
+        for w in want {
+            assert!(line.contains(w), "no {w:?} in: {line}");
+        }
+        assert!(run.stdout.is_empty(), "the guest ran:\n{}", run.stdout);
+    };
+
+    let missing = scratch_file("ov-no-such-base.img");
+    refused(
+        &overlay_arg(&missing, &ov),
+        &[&missing.display().to_string(), "No such file"],
+    );
+    assert!(!ov.exists(), "an overlay was made without a base");
+
+    refused(
+        &format!("{},readonly=on", overlay_arg(&base, &ov)),
+        &["readonly=on", "overlay="],
+    );
+    assert!(!ov.exists());
+
+    // Made over one base, given with another of the same size.
+    rw_run(&overlay_arg(&base, &ov), 3, 7);
+    let other = image("ov-other", SECTORS, 16);
+    refused(
+        &overlay_arg(&other, &ov),
+        &[
+            &ov.display().to_string(),
+            &base.display().to_string(),
+            "another base",
+        ],
+    );
+
+    // In use by another Ember.
+    let (held, _rx) = hold_disk(&overlay_arg(&base, &ov));
+    refused(
+        &overlay_arg(&base, &ov),
+        &[&ov.display().to_string(), "in use by another process"],
+    );
+    release(held);
+
+    let text = scratch_file("ov-notes.txt");
+    std::fs::write(&text, "not an overlay\n".repeat(500)).unwrap();
+    refused(
+        &overlay_arg(&base, &text),
+        &[&text.display().to_string(), "not an Ember overlay"],
+    );
+    assert_eq!(
+        std::fs::read(&text).unwrap(),
+        "not an overlay\n".repeat(500).as_bytes()
+    );
+    for p in [ov, text, other] {
+        let _ = std::fs::remove_file(p);
+    }
 }

@@ -567,6 +567,21 @@ fn a_linux_guest_snapshotted_at_its_shell_answers_after_restore_and_its_disk_is_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Restores a clone with `args`, then a second one while it runs: the second is refused with
+/// the lock error naming `locked`. Then the first quits.
+fn second_clone_gets_the_lock_error(args: &[&str], locked: &Path) {
+    let mut first = Console::spawn(args);
+    first.wait_for("a count", Duration::from_secs(10), |l| {
+        count_line(l).is_some()
+    });
+    let second = common::run_ember(args, b"", Duration::from_secs(20));
+    let err = second.user_error();
+    assert!(err.contains(&locked.display().to_string()), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    first.type_in("q");
+    assert_eq!(first.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
 /// A read-write disk is locked by the first Ember that opens it; a clone of a snapshot with that
 /// disk is refused while another clone runs, with the lock error, and nothing starts.
 #[test]
@@ -581,16 +596,7 @@ fn a_second_clone_of_a_snapshot_with_a_read_write_disk_is_refused_with_the_lock_
     snapshot_of_counter(&dir, &["--disk", &disk]);
     let args = restore_args(&dir, "snap", "mem");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut first = Console::spawn(&args);
-    first.wait_for("a count", Duration::from_secs(10), |l| {
-        count_line(l).is_some()
-    });
-    let second = common::run_ember(&args, b"", Duration::from_secs(20));
-    let err = second.user_error();
-    assert!(err.contains(&img.display().to_string()), "{err}");
-    assert!(err.contains("in use"), "{err}");
-    first.type_in("q");
-    assert_eq!(first.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    second_clone_gets_the_lock_error(&args, &img);
     // With the first gone, the disk is free again: and a missing disk is one clear error.
     std::fs::remove_file(&img).unwrap();
     let gone = common::run_ember(&args, b"", Duration::from_secs(20));
@@ -599,5 +605,72 @@ fn a_second_clone_of_a_snapshot_with_a_read_write_disk_is_refused_with_the_lock_
         "{}",
         gone.stderr
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy-on-write disk is saved with its overlay's path: the restored clone reopens (and locks)
+/// that overlay over the same base, a missing overlay is refused rather than made anew, and a VM
+/// whose overlay is tmp cannot be snapshotted at all.
+#[test]
+fn a_copy_on_write_disk_snapshots_with_its_overlay_and_a_tmp_one_is_refused() {
+    let dir = scratch("overlay");
+    let base = dir.join("base.img");
+    std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
+    let ov = dir.join("disk.ovl");
+    let disk = format!("path={},overlay={}", base.display(), ov.display());
+    snapshot_of_counter(&dir, &["--disk", &disk]);
+    assert_eq!(&std::fs::read(&ov).unwrap()[..8], b"EMBEROVL");
+
+    let args = restore_args(&dir, "snap", "mem");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    second_clone_gets_the_lock_error(&args, &ov);
+
+    let moved = dir.join("moved.ovl");
+    std::fs::rename(&ov, &moved).unwrap();
+    let gone = common::run_ember(&args, b"", Duration::from_secs(20));
+    let err = gone.user_error();
+    assert!(err.contains("missing or empty"), "{err}");
+    assert!(
+        !ov.exists(),
+        "a new overlay was made for the restored guest"
+    );
+    assert_eq!(std::fs::read(&base).unwrap(), vec![0x5a; 1 << 20]);
+
+    // overlay=tmp: the snapshot is refused, and says what to do instead.
+    let sock = dir.join("tmp.sock");
+    let guest = common::guest("counter");
+    let tmp_disk = format!("path={},overlay=tmp", base.display());
+    let mut vm = Console::spawn(&[
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--disk",
+        &tmp_disk,
+    ]);
+    vm.wait_for("the count", Duration::from_secs(20), |l| {
+        count_line(l).is_some()
+    });
+    assert_eq!(
+        common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
+        204
+    );
+    let body = format!(
+        r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+        dir.join("tmp-snap").display(),
+        dir.join("tmp-mem").display()
+    );
+    let (status, reply) = common::http(&sock, "PUT", "/snapshot/create", Some(&body));
+    assert!(status >= 400, "{status} {reply}");
+    assert!(
+        reply.contains("overlay=tmp") && reply.contains("overlay=PATH"),
+        "{reply}"
+    );
+    assert!(
+        !dir.join("tmp-snap").exists(),
+        "a snapshot file was left behind"
+    );
+    common::stop(&mut vm.child);
     let _ = std::fs::remove_dir_all(&dir);
 }

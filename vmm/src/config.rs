@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use ember_boot::layout::CMDLINE_MAX_SIZE;
-pub use ember_devices::virtio::DiskConfig;
+pub use ember_devices::virtio::{DiskConfig, OverlayConfig};
 
 /// What a microVM wants: the console on COM1, reboot through the i8042 (which ends the VM), no
 /// PCI probing. Ember appends the words its own devices need.
@@ -146,7 +146,8 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
     }
 }
 
-/// `path=IMG[,readonly=on|off][,id=NAME]`; a bare `IMG` is taken as the path.
+/// `path=IMG[,readonly=on|off][,id=NAME][,overlay=FILE|tmp]`; a bare `IMG` is taken as the path.
+/// `overlay=tmp` is the anonymous overlay; a file named tmp is `overlay=./tmp`.
 pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::BadDisk {
         spec: spec.to_string(),
@@ -155,12 +156,13 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let mut path = None;
     let mut readonly = false;
     let mut id = None;
+    let mut overlay = None;
     // The last of two values silently won: `readonly=on,readonly=off` gave a writable disk.
     let mut seen: Vec<&str> = Vec::new();
     for (i, part) in spec.split(',').enumerate() {
         let key = match part.split_once('=') {
             Some(("ro", _)) => Some("readonly"),
-            Some((k @ ("path" | "readonly" | "id"), _)) => Some(k),
+            Some((k @ ("path" | "readonly" | "id" | "overlay"), _)) => Some(k),
             None if i == 0 => Some("path"),
             // Unknown keys are refused below.
             _ => None,
@@ -186,15 +188,30 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                 }
                 id = Some(v.to_string())
             }
+            Some(("overlay", v)) => {
+                overlay = Some(match v {
+                    "" => return Err(bad("overlay takes a file, or tmp")),
+                    "tmp" => OverlayConfig::Tmp,
+                    file => OverlayConfig::File(PathBuf::from(file)),
+                })
+            }
             None if i == 0 => path = Some(part),
             _ => return Err(bad(&format!("unknown key in {part:?}"))),
         }
+    }
+    if readonly && overlay.is_some() {
+        return Err(bad(
+            "readonly=on cannot go with overlay=: the overlay takes the guest's writes and the \
+             base is never written either way (drop readonly=on for a copy-on-write disk, or \
+             overlay= for a disk the guest cannot write)",
+        ));
     }
     match path {
         Some(p) if !p.is_empty() => Ok(DiskConfig {
             path: PathBuf::from(p),
             readonly,
             id,
+            overlay,
         }),
         _ => Err(bad("path=IMG is required")),
     }
@@ -402,6 +419,27 @@ mod tests {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
         assert!(parse_disk("path=a,id=aaaaaaaaaaaaaaaaaaaaa").is_err());
+        let d = parse_disk("path=base.img,overlay=vm1.ovl").unwrap();
+        assert_eq!(d.overlay, Some(OverlayConfig::File("vm1.ovl".into())));
+        assert!(!d.readonly);
+        assert_eq!(
+            parse_disk("base.img,overlay=tmp").unwrap().overlay,
+            Some(OverlayConfig::Tmp)
+        );
+        assert_eq!(
+            parse_disk("base.img,overlay=./tmp").unwrap().overlay,
+            Some(OverlayConfig::File("./tmp".into()))
+        );
+        assert_eq!(parse_disk("base.img").unwrap().overlay, None);
+        assert!(parse_disk("base.img,overlay=").is_err());
+        for both in ["path=a,readonly=on,overlay=b", "a,overlay=tmp,ro=on"] {
+            assert!(
+                matches!(parse_disk(both), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("readonly=on cannot go with overlay=")),
+                "{both}"
+            );
+        }
+        // readonly=off says what an overlay does anyway.
+        assert!(parse_disk("a,readonly=off,overlay=b").is_ok());
         assert!(
             matches!(parse_disk("path=a,foo"), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("unknown key")),
         );
@@ -411,6 +449,7 @@ mod tests {
             "path=a,path=b",
             "a,path=b",
             "path=a,id=x,id=y",
+            "path=a,overlay=b,overlay=c",
         ] {
             assert!(
                 matches!(parse_disk(twice), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("twice")),

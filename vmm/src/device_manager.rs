@@ -539,6 +539,7 @@ mod tests {
                 path: f.as_path().to_path_buf(),
                 readonly: false,
                 id: None,
+                overlay: None,
             })
             .collect();
         (files, configs)

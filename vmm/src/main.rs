@@ -75,7 +75,8 @@ struct RunArgs {
     /// Guest console: stdio (the terminal; Ctrl-A x quits), file=PATH, or null.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
-    /// A virtio block device: path=IMG[,readonly=on][,id=NAME]; repeat for vdb, vdc, ...
+    /// A virtio block device: path=IMG[,readonly=on][,id=NAME][,overlay=FILE|tmp]; repeat for
+    /// vdb, vdc, ... With overlay= the image is a read-only base and the writes go to FILE.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// Print the boot timeline at exit on stderr: as a table, or `--timings=json`.

@@ -827,6 +827,7 @@ mod tests {
                 path: image.as_path().to_path_buf(),
                 readonly: false,
                 id: None,
+                overlay: None,
             })
             .unwrap();
             let transport = MmioTransport::new(mem.clone(), block).unwrap();

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::state::StateError;
 
-pub use block::{Block, BlockState, DiskConfig};
+pub use block::{Block, BlockState, DiskConfig, OverlayConfig};
 pub use mmio::{MmioState, MmioStateError, MmioTransport, VirtqueueState};
 
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};

@@ -21,11 +21,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::backend::{BlockError, DiskImage, SECTOR_SIZE};
+use super::backend::{BlockError, Direction, DiskImage, SECTOR_SIZE};
+use super::overlay::OVERLAY_BLOCK;
 use super::request::{
     collect_chain_into, parse_descriptors, DiskLimits, ParseError, Request, RequestKind, Segment,
 };
-use super::DiskConfig;
+use super::{DiskConfig, OverlayConfig};
 use crate::state::{to_bytes, Persist, StateError};
 use crate::virtio::{
     ActivateError, GuestLog, Interrupt, QueueServer, VirtioDevice, VIRTIO_MMIO_INT_VRING,
@@ -116,17 +117,35 @@ impl Block {
         }
     }
 
-    fn state(&self) -> BlockState {
+    /// The state, after making an overlay's writes durable: the restored guest goes on from a
+    /// disk that holds every write it saw complete, flushed or not.
+    fn state(&self) -> Result<BlockState, BlockStateError> {
         let disk = self.disk();
-        BlockState {
+        let overlay = match disk.overlay() {
+            None => None,
+            Some(o) => {
+                let Some(path) = o.path() else {
+                    return Err(BlockStateError::TmpOverlay {
+                        path: disk.path().to_path_buf(),
+                    });
+                };
+                disk.flush().map_err(|source| BlockStateError::Persist {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some(path.to_path_buf())
+            }
+        };
+        Ok(BlockState {
             path: disk.path().to_path_buf(),
             readonly: disk.readonly(),
             id: self.id.clone(),
+            overlay,
             sectors: disk.sectors(),
             features: self.features,
             config: self.config.clone(),
             broken: self.server.needs_reset(),
-        }
+        })
     }
 
     pub fn disk(&self) -> &DiskImage {
@@ -228,9 +247,16 @@ fn config_space(disk: &DiskImage) -> Vec<u8> {
             offset_of!(virtio_blk_config, max_discard_seg),
             &1u32.to_le_bytes(),
         );
+        // Over an overlay, discards of whole blocks need no copy-up from the base; Linux takes
+        // this as its discard granularity.
+        let discard_alignment = if disk.overlay().is_some() {
+            (OVERLAY_BLOCK / SECTOR_SIZE) as u32
+        } else {
+            1
+        };
         put(
             offset_of!(virtio_blk_config, discard_sector_alignment),
-            &1u32.to_le_bytes(),
+            &discard_alignment.to_le_bytes(),
         );
         put(
             offset_of!(virtio_blk_config, max_write_zeroes_sectors),
@@ -335,7 +361,11 @@ impl VirtioDevice for Block {
     }
 
     fn save_device_state(&self) -> Result<Vec<u8>, StateError> {
-        to_bytes(&self.state())
+        let state = self.state().map_err(|e| StateError::Failed {
+            what: "virtio-blk",
+            reason: e.to_string(),
+        })?;
+        to_bytes(&state)
     }
 
     fn queue_states(&self) -> Option<Vec<QueueState>> {
@@ -347,14 +377,17 @@ impl VirtioDevice for Block {
 }
 
 /// What the guest sees of the disk: its features and config space as they were offered, and
-/// whether the driver broke the queue. The image itself is opened again by path (and locked
-/// again); the queue's positions are the transport's part of the state.
+/// whether the driver broke the queue. The image itself (and its overlay) is opened again by path
+/// (and locked again); the queue's positions are the transport's part of the state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     #[serde(with = "path_bytes")]
     pub path: PathBuf,
     pub readonly: bool,
     pub id: Option<String>,
+    /// The overlay file of a copy-on-write disk (a tmp overlay cannot be saved).
+    #[serde(with = "path_bytes::option")]
+    pub overlay: Option<PathBuf>,
     /// The image's size when saved: the guest's filesystem was laid out for it.
     pub sectors: u64,
     pub features: u64,
@@ -378,6 +411,22 @@ mod path_bytes {
         let bytes = Vec::<u8>::deserialize(d)?;
         Ok(OsStr::from_bytes(&bytes).into())
     }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+            match path {
+                Some(p) => s.serialize_some(p.as_os_str().as_bytes()),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+            let bytes = Option::<Vec<u8>>::deserialize(d)?;
+            Ok(bytes.map(|b| OsStr::from_bytes(&b).into()))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +449,20 @@ pub enum BlockStateError {
     },
     #[error("disk image {}: saved config space does not describe it ({reason})", path.display())]
     Config { path: PathBuf, reason: &'static str },
+    #[error(
+        "disk {} has overlay=tmp, which a restored VM could not reopen (it has no name): give \
+         the disk an overlay file (overlay=PATH) to snapshot this VM",
+        path.display()
+    )]
+    TmpOverlay { path: PathBuf },
+    #[error("cannot make overlay {} durable for the snapshot: {source}", path.display())]
+    Persist { path: PathBuf, source: io::Error },
+    #[error(
+        "overlay {} of the saved disk is missing or empty: the guest's writes to its disk were \
+         there",
+        path.display()
+    )]
+    OverlayMissing { path: PathBuf },
 }
 
 impl Persist for Block {
@@ -409,16 +472,24 @@ impl Persist for Block {
     type Error = BlockStateError;
 
     fn save(&self) -> Result<BlockState, BlockStateError> {
-        Ok(self.state())
+        self.state()
     }
 
     /// The restored device offers the saved features and config space, not what this Ember
     /// would offer a new guest: the driver negotiated those.
     fn restore((): (), state: &BlockState) -> Result<Self, BlockStateError> {
+        // Opening would make a new, empty overlay: the restored guest would find its disk
+        // without the writes it made.
+        if let Some(ov) = &state.overlay {
+            if !std::fs::metadata(ov).is_ok_and(|m| m.len() > 0) {
+                return Err(BlockStateError::OverlayMissing { path: ov.clone() });
+            }
+        }
         let disk = DiskImage::open(&DiskConfig {
             path: state.path.clone(),
             readonly: state.readonly,
             id: state.id.clone(),
+            overlay: state.overlay.clone().map(OverlayConfig::File),
         })?;
         let path = || state.path.clone();
         if disk.sectors() != state.sectors {
@@ -593,21 +664,11 @@ fn execute(
         RequestKind::GetId { segments } => write_id(disk, mem, segments),
         RequestKind::Discard(range) => {
             let (offset, len) = range.bytes();
-            match disk.punch_hole(offset, len) {
-                // Discard is a hint: a filesystem without holes may ignore it.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(0),
-                r => r.map(|_| 0),
-            }
+            disk.discard(offset, len).map(|_| 0)
         }
         RequestKind::WriteZeroes { range, unmap } => {
             let (offset, len) = range.bytes();
-            // A punched hole reads back as zeros too; fall back to zeroing where holes fail.
-            let punched = *unmap && disk.punch_hole(offset, len).is_ok();
-            if punched {
-                Ok(0)
-            } else {
-                disk.write_zeroes(offset, len).map(|_| 0)
-            }
+            disk.write_zeroes(offset, len, *unmap).map(|_| 0)
         }
     };
     match result {
@@ -622,12 +683,6 @@ fn execute(
             (VIRTIO_BLK_S_IOERR as u8, 0)
         }
     }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    ToGuest,
-    ToDisk,
 }
 
 /// Moves the request's data between the disk and guest memory: preadv/pwritev straight from or
@@ -655,7 +710,7 @@ fn transfer(
                 continue;
             }
             if n == IOV_BATCH {
-                let done = transfer_all(disk, filled(&mut iovs, n), offset, direction)?;
+                let done = disk_transfer(disk, filled(&mut iovs, n), offset, direction)?;
                 offset += done;
                 moved += done;
                 n = 0;
@@ -668,7 +723,7 @@ fn transfer(
         }
     }
     if n > 0 {
-        moved += transfer_all(disk, filled(&mut iovs, n), offset, direction)?;
+        moved += disk_transfer(disk, filled(&mut iovs, n), offset, direction)?;
     }
     Ok(match direction {
         // A request is under 4 GiB: virtio-queue stops following a chain there.
@@ -684,60 +739,17 @@ fn filled(iovs: &mut [MaybeUninit<libc::iovec>], n: usize) -> &mut [libc::iovec]
     unsafe { std::slice::from_raw_parts_mut(iovs.as_mut_ptr().cast(), n) }
 }
 
-/// Moves all of `iovs` at `offset`, going on after short transfers (a huge request, a signal).
-/// Returns the bytes moved.
-fn transfer_all(
+/// The disk's transfer of iovecs that `transfer` built.
+fn disk_transfer(
     disk: &DiskImage,
     iovs: &mut [libc::iovec],
-    mut offset: u64,
+    offset: u64,
     direction: Direction,
 ) -> io::Result<u64> {
-    let mut moved = 0u64;
-    let mut first = 0;
-    while first < iovs.len() {
-        let left = &iovs[first..];
-        // SAFETY: every iovec is a slice of guest RAM that `transfer` got from the memory map it
-        // borrows for this whole call, so the mappings stay put. Guest RAM is shared with the
-        // vCPUs and is only ever accessed through volatile copies, never through Rust references.
-        let r = unsafe {
-            match direction {
-                Direction::ToGuest => disk.preadv(left, offset),
-                Direction::ToDisk => disk.pwritev(left, offset),
-            }
-        };
-        let n = match r {
-            // The image shrank under us (someone else truncated it): not the guest's doing.
-            Ok(0) => {
-                return Err(match direction {
-                    Direction::ToGuest => io::ErrorKind::UnexpectedEof.into(),
-                    Direction::ToDisk => io::ErrorKind::WriteZero.into(),
-                })
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        moved += n as u64;
-        offset += n as u64;
-        first = advance(iovs, first, n);
-    }
-    Ok(moved)
-}
-
-/// Consumes `n` transferred bytes from `iovs[first..]`: whole iovecs are skipped and a partly
-/// done one is trimmed to what is left. Returns the new first iovec's index.
-fn advance(iovs: &mut [libc::iovec], mut first: usize, mut n: usize) -> usize {
-    while let Some(iov) = iovs.get_mut(first) {
-        if n < iov.iov_len {
-            // SAFETY: n is inside this iovec's buffer, so the pointer stays in it.
-            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
-            iov.iov_len -= n;
-            break;
-        }
-        n -= iov.iov_len;
-        first += 1;
-    }
-    first
+    // SAFETY: every iovec is a slice of guest RAM that `transfer` got from the memory map it
+    // borrows for this whole call, so the mappings stay put. Guest RAM is shared with the vCPUs
+    // and is only ever accessed through volatile copies, never through Rust references.
+    unsafe { disk.transfer(iovs, offset, direction) }
 }
 
 fn write_id(disk: &DiskImage, mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<u32> {
@@ -750,42 +762,4 @@ fn write_id(disk: &DiskImage, mem: &GuestMemoryMmap, segments: &[Segment]) -> io
         done += n;
     }
     Ok(done as u32)
-}
-
-#[cfg(test)]
-mod transfer_tests {
-    use super::*;
-
-    #[test]
-    fn advance_skips_done_iovecs_and_trims_a_partly_done_one() {
-        let mut buf = [0u8; 64];
-        let base = buf.as_mut_ptr();
-        // SAFETY: offsets inside buf.
-        let at = |o: usize| unsafe { base.add(o) }.cast::<libc::c_void>();
-        let mut iovs = [
-            libc::iovec {
-                iov_base: at(0),
-                iov_len: 16,
-            },
-            libc::iovec {
-                iov_base: at(16),
-                iov_len: 8,
-            },
-            libc::iovec {
-                iov_base: at(32),
-                iov_len: 32,
-            },
-        ];
-        assert_eq!(advance(&mut iovs, 0, 0), 0);
-        assert_eq!((iovs[0].iov_base, iovs[0].iov_len), (at(0), 16));
-        // All of the first and 3 bytes into the second.
-        assert_eq!(advance(&mut iovs, 0, 19), 1);
-        assert_eq!((iovs[1].iov_base, iovs[1].iov_len), (at(19), 5));
-        // Exactly the rest of the second.
-        assert_eq!(advance(&mut iovs, 1, 5), 2);
-        assert_eq!((iovs[2].iov_base, iovs[2].iov_len), (at(32), 32));
-        assert_eq!(advance(&mut iovs, 2, 31), 2);
-        assert_eq!((iovs[2].iov_base, iovs[2].iov_len), (at(63), 1));
-        assert_eq!(advance(&mut iovs, 2, 1), 3);
-    }
 }

@@ -35,7 +35,8 @@ const ALL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 
 struct Driver {
     mem: GuestMemoryMmap,
-    image: TempFile,
+    /// The image of a plain disk; None over an overlay, whose files the test keeps.
+    image: Option<TempFile>,
     block: Block,
     interrupt: Arc<Interrupt>,
     rings: Rings,
@@ -128,13 +129,34 @@ impl Driver {
         id: Option<&str>,
         features: u64,
     ) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(ranges).unwrap();
-        let mut block = Block::new(&DiskConfig {
+        let config = DiskConfig {
             path: image.as_path().to_path_buf(),
             readonly,
             id: id.map(String::from),
-        })
-        .unwrap();
+            overlay: None,
+        };
+        Self::with_config(Some(image), ranges, &config, features)
+    }
+
+    /// A copy-on-write disk: `base` under `overlay`.
+    fn over(base: &std::path::Path, overlay: OverlayConfig) -> Self {
+        let config = DiskConfig {
+            path: base.to_path_buf(),
+            readonly: false,
+            id: None,
+            overlay: Some(overlay),
+        };
+        Self::with_config(None, &[(GuestAddress(0), MEM_SIZE)], &config, ALL_FEATURES)
+    }
+
+    fn with_config(
+        image: Option<TempFile>,
+        ranges: &[(GuestAddress, usize)],
+        config: &DiskConfig,
+        features: u64,
+    ) -> Self {
+        let mem = GuestMemoryMmap::<()>::from_ranges(ranges).unwrap();
+        let mut block = Block::new(config).unwrap();
         let interrupt = Arc::new(Interrupt::new().unwrap());
         let (mut queue, rings) = new_queue(&mem);
         queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
@@ -237,8 +259,15 @@ impl Driver {
 
     fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.image.as_file().read_exact_at(&mut v, offset).unwrap();
+        self.image()
+            .as_file()
+            .read_exact_at(&mut v, offset)
+            .unwrap();
         v
+    }
+
+    fn image(&self) -> &TempFile {
+        self.image.as_ref().expect("a plain disk's driver")
     }
 
     fn guest_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -361,7 +390,7 @@ fn a_segment_across_many_memory_regions_reads_and_writes_every_byte() {
 #[test]
 fn the_image_shrinking_under_a_read_is_an_io_error() {
     let mut d = Driver::new(false, None, ALL_FEATURES);
-    d.image.as_file().set_len(40 * 512 + 256).unwrap();
+    d.image().as_file().set_len(40 * 512 + 256).unwrap();
     let (status, used) = d.request(
         VIRTIO_BLK_T_IN,
         36,
@@ -414,7 +443,7 @@ fn get_id_returns_the_file_name_or_the_given_id() {
     let mut d = Driver::new(false, None, ALL_FEATURES);
     let (status, len) = d.request(VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, W)]);
     assert_eq!((status, len), (OK, 21));
-    let name = d.image.as_path().file_name().unwrap().as_encoded_bytes();
+    let name = d.image().as_path().file_name().unwrap().as_encoded_bytes();
     let n = name.len().min(20);
     assert_eq!(d.guest_bytes(DATA, n), name[..n]);
 
@@ -438,7 +467,7 @@ fn discard_segment(d: &Driver, addr: u64, sector: u64, sectors: u32, flags: u32)
 #[test]
 fn discard_and_write_zeroes_read_back_as_zeros() {
     let mut d = Driver::new(false, None, ALL_FEATURES);
-    let size = d.image.as_file().metadata().unwrap().len();
+    let size = d.image().as_file().metadata().unwrap().len();
     discard_segment(&d, DATA, 8, 4, 0);
     assert_eq!(
         d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, R)]),
@@ -459,7 +488,7 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
         OK
     );
     assert_eq!(d.file_bytes(30 * 512, 512), vec![0u8; 512]);
-    assert_eq!(d.image.as_file().metadata().unwrap().len(), size);
+    assert_eq!(d.image().as_file().metadata().unwrap().len(), size);
 
     // Discard with UNMAP is undefined by the spec: unsupported. Past the end: an I/O error.
     discard_segment(&d, DATA, 0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
@@ -958,4 +987,503 @@ fn block_state_round_trips_and_refuses_features_the_disk_cannot_have() {
     short.config.truncate(8);
     let err = Block::restore((), &short).err().unwrap();
     assert!(matches!(err, BlockStateError::Config { .. }), "{err}");
+}
+
+/// Copy-on-write disks driven like any other: what the guest reads, and what the base and the
+/// overlay files hold afterwards.
+mod overlay {
+    use std::mem::offset_of;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::state::{from_bytes, to_bytes, Persist};
+    use crate::virtio::block::overlay::{OVERLAY_BLOCK, OVERLAY_MAGIC};
+    use crate::virtio::block::{BlockError, DiskImage};
+
+    const DISK: usize = (IMAGE_SECTORS * 512) as usize;
+    /// Where the guest's writes come from (reads go to DATA).
+    const SRC: u64 = DATA + 0x2_0000;
+    /// Where version 1 puts the data of a disk this small: after the header and one map page,
+    /// on the first MiB boundary.
+    const DATA_OFFSET: u64 = 1 << 20;
+
+    /// A directory of its own, removed with everything in it.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ember-ov-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+
+        /// A base image of IMAGE_SECTORS sectors filled from `seed`.
+        fn base(&self, name: &str, seed: u8) -> PathBuf {
+            let p = self.path(name);
+            std::fs::write(&p, pattern(DISK, seed)).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fnv(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// The whole disk in one request, in segments that the overlay's 4 KiB blocks cut inside.
+    fn read_disk(d: &mut Driver) -> Vec<u8> {
+        d.mem
+            .write_slice(&vec![0xa5u8; DISK], GuestAddress(DATA))
+            .unwrap();
+        let segs = [
+            (DATA, 1000, W),
+            (DATA + 1000, 7192, W),
+            (DATA + 8192, DISK as u32 - 8192, W),
+        ];
+        assert_eq!(d.request(VIRTIO_BLK_T_IN, 0, &segs), (OK, DISK as u32 + 1));
+        d.guest_bytes(DATA, DISK)
+    }
+
+    fn write(d: &mut Driver, sector: u64, bytes: &[u8]) -> u8 {
+        d.mem.write_slice(bytes, GuestAddress(SRC)).unwrap();
+        d.request(VIRTIO_BLK_T_OUT, sector, &[(SRC, bytes.len() as u32, R)])
+            .0
+    }
+
+    fn flush(d: &mut Driver) {
+        assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    }
+
+    fn put(model: &mut [u8], sector: u64, bytes: &[u8]) {
+        let at = sector as usize * 512;
+        model[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn allocated(d: &Driver) -> u64 {
+        d.block.disk().overlay().unwrap().allocated_blocks()
+    }
+
+    /// The first byte of the allocation map as the file holds it (blocks 0-7: the whole disk).
+    fn map_on_file(ov: &Path) -> u8 {
+        let mut b = [0u8; 1];
+        std::fs::File::open(ov)
+            .unwrap()
+            .read_exact_at(&mut b, 4096)
+            .unwrap();
+        b[0]
+    }
+
+    fn open_err(base: &Path, overlay: OverlayConfig, readonly: bool) -> BlockError {
+        Block::new(&DiskConfig {
+            path: base.to_path_buf(),
+            readonly,
+            id: None,
+            overlay: Some(overlay),
+        })
+        .err()
+        .expect("the disk must be refused")
+    }
+
+    #[test]
+    fn reads_come_from_the_base_until_written_and_partial_writes_keep_the_rest_of_the_block() {
+        let s = Scratch::new("reads");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let ov = s.path("disk.ovl");
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        assert_eq!(d.block.disk().sectors(), IMAGE_SECTORS);
+        assert!(
+            !d.block.disk().readonly(),
+            "the guest sees a read-write disk"
+        );
+        assert_eq!(read_disk(&mut d), before);
+        assert_eq!(allocated(&d), 0);
+
+        let mut model = before.clone();
+        // Inside block 1; across blocks 1 and 2; all of block 3; the disk's last sector.
+        for (sector, sectors, seed) in [(10, 3, 1), (15, 2, 2), (24, 8, 3), (63, 1, 4)] {
+            let data = pattern(sectors * 512, seed);
+            assert_eq!(write(&mut d, sector, &data), OK, "sector {sector}");
+            put(&mut model, sector, &data);
+        }
+        assert_eq!(read_disk(&mut d), model);
+        assert_eq!(allocated(&d), 4, "blocks 1, 2, 3 and 7");
+        // A single sector from each kind of block, as a driver usually reads.
+        for sector in [0, 9, 16, 30, 62, 63] {
+            let (status, _) = d.request(VIRTIO_BLK_T_IN, sector, &[(DATA, 512, W)]);
+            assert_eq!(status, OK);
+            let at = sector as usize * 512;
+            assert_eq!(d.guest_bytes(DATA, 512), model[at..at + 512], "{sector}");
+        }
+
+        // The base is never written: byte for byte, and by hash.
+        let after = std::fs::read(&base).unwrap();
+        assert_eq!(fnv(&after), fnv(&before));
+        assert_eq!(after, before);
+
+        // The format as documented: the header, the guest's bytes at DATA_OFFSET + their own
+        // offset, the map written by FLUSH.
+        let file = std::fs::read(&ov).unwrap();
+        assert_eq!(&file[..8], OVERLAY_MAGIC);
+        assert_eq!(file.len() as u64, DATA_OFFSET + DISK as u64);
+        let at = DATA_OFFSET as usize + 10 * 512;
+        assert_eq!(file[at..at + 1536], model[10 * 512..13 * 512]);
+        assert_eq!(map_on_file(&ov), 0, "the map goes to the file at FLUSH");
+        flush(&mut d);
+        assert_eq!(map_on_file(&ov), 0b1000_1110);
+
+        // Discards of whole blocks need no copy-up: the driver is told 4 KiB.
+        let mut align = [0u8; 4];
+        d.block.read_config(
+            offset_of!(virtio_blk_config, discard_sector_alignment) as u64,
+            &mut align,
+        );
+        assert_eq!(u32::from_le_bytes(align), (OVERLAY_BLOCK / 512) as u32);
+    }
+
+    #[test]
+    fn two_overlays_over_one_base_each_see_only_their_own_writes() {
+        let s = Scratch::new("two");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let mut a = Driver::over(&base, OverlayConfig::File(s.path("a.ovl")));
+        let mut b = Driver::over(&base, OverlayConfig::File(s.path("b.ovl")));
+        let mut t = Driver::over(&base, OverlayConfig::Tmp);
+        let (mut ma, mut mb, mut mt) = (before.clone(), before.clone(), before.clone());
+        let both = |d: &mut Driver, m: &mut Vec<u8>, sector, seed| {
+            let data = pattern(1024, seed);
+            assert_eq!(write(d, sector, &data), OK);
+            put(m, sector, &data);
+        };
+        both(&mut a, &mut ma, 3, 11);
+        both(&mut b, &mut mb, 3, 12);
+        both(&mut b, &mut mb, 40, 13);
+        both(&mut t, &mut mt, 20, 14);
+        assert_eq!(read_disk(&mut a), ma);
+        assert_eq!(read_disk(&mut b), mb);
+        assert_eq!(read_disk(&mut t), mt);
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+        // Shared by readers only: a plain read-write disk over the base is kept out meanwhile.
+        let err = DiskImage::open(&DiskConfig {
+            path: base.clone(),
+            readonly: false,
+            id: None,
+            overlay: None,
+        })
+        .unwrap_err();
+        assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_reopened_overlay_keeps_what_was_flushed_and_goes_on() {
+        let s = Scratch::new("reopen");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let ov = s.path("disk.ovl");
+        let (x, y, z) = (pattern(512, 21), pattern(4096, 22), pattern(1536, 23));
+        let mut model = before.clone();
+
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        assert_eq!(write(&mut d, 2, &x), OK);
+        put(&mut model, 2, &x);
+        flush(&mut d);
+        // Written after the last FLUSH, then Ember stops: it never writes the map but at a FLUSH
+        // (or a snapshot), as after a crash.
+        assert_eq!(write(&mut d, 40, &y), OK);
+        drop(d);
+        assert_eq!(map_on_file(&ov), 0b0000_0001, "block 5 was never flushed");
+
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        assert_eq!(
+            read_disk(&mut d),
+            model,
+            "the flushed write, and the base elsewhere"
+        );
+        // A partial write to the block whose unflushed bytes are still in the file copies the
+        // base up again: the stale bytes never show.
+        assert_eq!(write(&mut d, 41, &z), OK);
+        put(&mut model, 41, &z);
+        flush(&mut d);
+        drop(d);
+
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        assert_eq!(read_disk(&mut d), model);
+        assert_eq!(allocated(&d), 2);
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+    }
+
+    #[test]
+    fn an_overlay_is_refused_over_another_base_and_when_damaged() {
+        let s = Scratch::new("refused");
+        let base = s.base("base.img", 7);
+        let ov = s.path("disk.ovl");
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        assert_eq!(write(&mut d, 0, &pattern(512, 1)), OK);
+        flush(&mut d);
+        drop(d);
+        let good = std::fs::read(&ov).unwrap();
+
+        // Same size, other bytes; another size.
+        let other = s.base("other.img", 8);
+        let err = open_err(&other, OverlayConfig::File(ov.clone()), false);
+        assert!(matches!(err, BlockError::WrongBase { .. }), "{err}");
+        let msg = err.to_string();
+        for part in [ov.display().to_string(), base.display().to_string()] {
+            assert!(msg.contains(&part), "{msg}");
+        }
+        let small = s.path("small.img");
+        std::fs::write(&small, pattern(DISK / 2, 7)).unwrap();
+        let err = open_err(&small, OverlayConfig::File(ov.clone()), false);
+        assert!(
+            matches!(&err, BlockError::WrongBase { what, .. } if what.contains("bytes")),
+            "{err}"
+        );
+
+        let damaged = |name: &str, change: &dyn Fn(&mut Vec<u8>)| {
+            let p = s.path(name);
+            let mut bytes = good.clone();
+            change(&mut bytes);
+            std::fs::write(&p, bytes).unwrap();
+            open_err(&base, OverlayConfig::File(p), false)
+        };
+        let err = damaged("text", &|b| *b = b"not an overlay\n".repeat(400));
+        assert!(matches!(err, BlockError::NotAnOverlay { .. }), "{err}");
+        let err = damaged("tiny", &|b| b.truncate(100));
+        assert!(matches!(err, BlockError::NotAnOverlay { .. }), "{err}");
+        let err = damaged("flipped", &|b| b[20] ^= 1);
+        assert!(matches!(err, BlockError::OverlayDamaged { .. }), "{err}");
+        let err = damaged("v9", &|b| b[8] = 9);
+        assert!(
+            matches!(err, BlockError::OverlayVersion { version: 9, .. }),
+            "{err}"
+        );
+        let err = damaged("cut", &|b| b.truncate(8192));
+        assert!(
+            matches!(&err, BlockError::OverlayDamaged { reason, .. } if reason.contains("cut short")),
+            "{err}"
+        );
+        // Every refusal left the base alone, and the good overlay still opens.
+        assert_eq!(std::fs::read(&base).unwrap(), pattern(DISK, 7));
+        Driver::over(&base, OverlayConfig::File(ov));
+    }
+
+    #[test]
+    fn user_errors_are_refused_before_anything_is_created() {
+        let s = Scratch::new("errors");
+        let base = s.base("base.img", 7);
+        let ov = s.path("disk.ovl");
+        let err = open_err(&base, OverlayConfig::File(ov.clone()), true);
+        assert!(matches!(err, BlockError::ReadonlyOverlay { .. }), "{err}");
+        assert!(err.to_string().contains("readonly=on"), "{err}");
+        let err = open_err(
+            &s.path("missing.img"),
+            OverlayConfig::File(ov.clone()),
+            false,
+        );
+        assert!(matches!(err, BlockError::Open { .. }), "{err}");
+        assert!(!ov.exists(), "no overlay without a base");
+        let err = open_err(&base, OverlayConfig::File(s.0.clone()), false);
+        assert!(
+            matches!(
+                err,
+                BlockError::OverlayOpen { .. } | BlockError::OverlayNotAFile { .. }
+            ),
+            "{err}"
+        );
+
+        // In use: an overlay takes one disk's writes at a time; an empty file is made an overlay.
+        std::fs::write(&ov, b"").unwrap();
+        let held = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        let err = open_err(&base, OverlayConfig::File(ov.clone()), false);
+        assert!(matches!(err, BlockError::OverlayLocked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        drop(held);
+        Driver::over(&base, OverlayConfig::File(ov));
+    }
+
+    #[test]
+    fn a_tmp_overlay_has_no_name_and_cannot_be_snapshotted() {
+        let s = Scratch::new("tmp");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let mut d = Driver::over(&base, OverlayConfig::Tmp);
+        let data = pattern(2048, 5);
+        assert_eq!(write(&mut d, 6, &data), OK);
+        flush(&mut d);
+        let mut model = before.clone();
+        put(&mut model, 6, &data);
+        assert_eq!(read_disk(&mut d), model);
+        let overlay = d.block.disk().overlay().unwrap();
+        assert_eq!(overlay.path(), None);
+        // No name in any directory, so nothing is left once Ember's descriptor is closed.
+        assert_eq!(overlay.file_for_tests().metadata().unwrap().nlink(), 0);
+        let leftovers = |pid: u32| {
+            std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!(".ember-overlay-{pid}-"))
+                })
+                .count()
+        };
+        assert_eq!(leftovers(std::process::id()), 0);
+
+        let err = d.block.save().err().unwrap();
+        assert!(matches!(err, BlockStateError::TmpOverlay { .. }), "{err}");
+        let err = d.block.save_device_state().unwrap_err().to_string();
+        assert!(
+            err.contains("overlay=tmp") && err.contains("overlay=PATH"),
+            "{err}"
+        );
+        drop(d);
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+        // A new tmp overlay starts from the base again.
+        let mut d = Driver::over(&base, OverlayConfig::Tmp);
+        assert_eq!(read_disk(&mut d), before);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_hide_the_base_for_good() {
+        let s = Scratch::new("zero");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let mut d = Driver::over(&base, OverlayConfig::File(s.path("disk.ovl")));
+        let mut model = before.clone();
+        // Part of block 1; blocks 2 and 3 whole, with and without UNMAP; a range from inside
+        // block 5 to inside block 6.
+        for (request_type, sector, sectors, flags) in [
+            (VIRTIO_BLK_T_DISCARD, 9, 3, 0),
+            (
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                16,
+                8,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            ),
+            (VIRTIO_BLK_T_WRITE_ZEROES, 24, 8, 0),
+            (VIRTIO_BLK_T_DISCARD, 44, 6, 0),
+        ] {
+            discard_segment(&d, DATA + 0x3_0000, sector, sectors, flags);
+            assert_eq!(
+                d.request(request_type, 0, &[(DATA + 0x3_0000, 16, R)]),
+                (OK, 1),
+                "sector {sector}"
+            );
+            put(&mut model, sector, &vec![0; sectors as usize * 512]);
+        }
+        assert_eq!(read_disk(&mut d), model);
+        // A partial write to a zeroed block keeps its zeros: the base is not copied up again.
+        let data = pattern(512, 9);
+        assert_eq!(write(&mut d, 17, &data), OK);
+        put(&mut model, 17, &data);
+        assert_eq!(read_disk(&mut d), model);
+
+        // The whole disk in one discard, then past the end and over the limit.
+        discard_segment(&d, DATA + 0x3_0000, 0, IMAGE_SECTORS as u32, 0);
+        assert_eq!(
+            d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA + 0x3_0000, 16, R)]),
+            (OK, 1)
+        );
+        assert_eq!(read_disk(&mut d), vec![0; DISK]);
+        assert_eq!(allocated(&d), IMAGE_SECTORS * 512 / OVERLAY_BLOCK);
+        for (sector, sectors) in [(IMAGE_SECTORS - 1, 2), (0, u32::MAX), (u64::MAX, 1)] {
+            discard_segment(&d, DATA + 0x3_0000, sector, sectors, 0);
+            assert_eq!(
+                d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA + 0x3_0000, 16, R)])
+                    .0,
+                IOERR
+            );
+        }
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+    }
+
+    #[test]
+    fn requests_past_the_end_of_an_overlay_disk_get_errors() {
+        let s = Scratch::new("hostile");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let mut d = Driver::over(&base, OverlayConfig::File(s.path("disk.ovl")));
+        for (request_type, sector, flags) in [
+            (VIRTIO_BLK_T_OUT, IMAGE_SECTORS, R),
+            (VIRTIO_BLK_T_OUT, IMAGE_SECTORS - 1, R),
+            (VIRTIO_BLK_T_OUT, u64::MAX, R),
+            (VIRTIO_BLK_T_IN, IMAGE_SECTORS - 1, W),
+        ] {
+            let (status, _) = d.request(request_type, sector, &[(DATA, 1024, flags)]);
+            assert_eq!(status, IOERR, "type {request_type} sector {sector}");
+        }
+        // A write of data that is not in guest memory.
+        let (status, _) = d.request(VIRTIO_BLK_T_OUT, 0, &[(OUTSIDE, 512, R)]);
+        assert_eq!(status, IOERR);
+        assert_eq!(allocated(&d), 0);
+        assert_eq!(read_disk(&mut d), before);
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+    }
+
+    /// A snapshot must find every write the guest saw complete, flushed or not: saving writes the
+    /// overlay's map, and the restored device reopens the overlay by path.
+    #[test]
+    fn a_snapshot_saves_the_map_and_restores_over_the_same_overlay() {
+        let s = Scratch::new("snapshot");
+        let base = s.base("base.img", 7);
+        let ov = s.path("disk.ovl");
+        let mut d = Driver::over(&base, OverlayConfig::File(ov.clone()));
+        let data = pattern(512, 31);
+        assert_eq!(write(&mut d, 33, &data), OK);
+        let state = d.block.save().unwrap();
+        assert_eq!(state.overlay.as_deref(), Some(ov.as_path()));
+        assert!(!state.readonly);
+        let bytes = to_bytes(&state).unwrap();
+        assert_eq!(from_bytes::<BlockState>(&bytes).unwrap(), state);
+        // The overlay is locked while its disk is open.
+        assert!(matches!(
+            Block::restore((), &state).err().unwrap(),
+            BlockStateError::Open(BlockError::OverlayLocked { .. })
+        ));
+        drop(d);
+
+        // Restoring must not make a new overlay where the saved one is gone.
+        let mut gone = state.clone();
+        gone.overlay = Some(s.path("gone.ovl"));
+        assert!(matches!(
+            Block::restore((), &gone).err().unwrap(),
+            BlockStateError::OverlayMissing { .. }
+        ));
+        assert!(!s.path("gone.ovl").exists());
+
+        let restored = Block::restore((), &state).unwrap();
+        assert_eq!(restored.disk().overlay().unwrap().allocated_blocks(), 1);
+        assert_eq!(restored.features(), state.features);
+        drop(restored);
+        let mut d = Driver::over(&base, OverlayConfig::File(ov));
+        let mut model = pattern(DISK, 7);
+        put(&mut model, 33, &data);
+        assert_eq!(read_disk(&mut d), model);
+
+        // A plain disk's state has no overlay, and round-trips as before.
+        let plain = Driver::new(false, None, ALL_FEATURES);
+        let state = plain.block.save().unwrap();
+        assert_eq!(state.overlay, None);
+        assert_eq!(
+            from_bytes::<BlockState>(&to_bytes(&state).unwrap()).unwrap(),
+            state
+        );
+    }
 }
