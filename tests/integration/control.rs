@@ -19,6 +19,7 @@ fn counter_config(console: &Path) -> VmConfig {
         memory: 32 << 20,
         serial: SerialMode::File(console.to_path_buf()),
         disks: Vec::new(),
+        vsock: None,
         timings: None,
         ready_marker: None,
         seccomp: false,

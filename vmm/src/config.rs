@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use ember_boot::layout::CMDLINE_MAX_SIZE;
+use ember_devices::virtio::vsock::{MAX_GUEST_CID, MAX_UDS_PATH, MIN_GUEST_CID};
+pub use ember_devices::virtio::VsockConfig;
 pub use ember_devices::virtio::{DiskConfig, OverlayConfig};
 
 /// What a microVM wants: the console on COM1, reboot through the i8042 (which ends the VM), no
@@ -35,6 +37,8 @@ pub enum ConfigError {
     BadSerial(String),
     #[error("--disk {spec:?}: {reason}")]
     BadDisk { spec: String, reason: String },
+    #[error("--vsock {spec:?}: {reason}")]
+    BadVsock { spec: String, reason: String },
     #[error("--timings {0:?}: expected table or json")]
     BadTimings(String),
     #[error("--timeout {0:?}: expected a duration such as 30s, 500ms, 2m or 1h")]
@@ -70,6 +74,8 @@ pub struct VmConfig {
     pub memory: u64,
     pub serial: SerialMode,
     pub disks: Vec<DiskConfig>,
+    /// At most one virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
     pub timings: Option<TimingsFormat>,
     pub ready_marker: Option<String>,
     pub seccomp: bool,
@@ -214,6 +220,52 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
             overlay,
         }),
         _ => Err(bad("path=IMG is required")),
+    }
+}
+
+/// `cid=N,uds=PATH`: the guest's CID (3 to 2^32-2) and the Unix socket Ember listens on for
+/// host clients (it must not exist yet; that is checked when the device is created).
+pub fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::BadVsock {
+        spec: spec.to_string(),
+        reason,
+    };
+    let (mut cid, mut uds) = (None, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) if cid.is_none() => {
+                let n = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| (MIN_GUEST_CID..=MAX_GUEST_CID).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "cid must be a number from {MIN_GUEST_CID} to {MAX_GUEST_CID} (0-2 \
+                             are reserved for the hypervisor, loopback and the host)"
+                        ))
+                    })?;
+                cid = Some(n);
+            }
+            Some(("uds", v)) if uds.is_none() => {
+                if v.is_empty() {
+                    return Err(bad("uds needs a path".into()));
+                }
+                if v.len() > MAX_UDS_PATH {
+                    return Err(bad(format!(
+                        "uds is {} bytes; at most {MAX_UDS_PATH}, so that <uds>_<port> fits a \
+                         Unix socket address",
+                        v.len()
+                    )));
+                }
+                uds = Some(PathBuf::from(v));
+            }
+            Some((k @ ("cid" | "uds"), _)) => return Err(bad(format!("{k} is given twice"))),
+            _ => return Err(bad(format!("unknown key in {part:?}"))),
+        }
+    }
+    match (cid, uds) {
+        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+        _ => Err(bad("both cid=N and uds=PATH are required".into())),
     }
 }
 
@@ -455,6 +507,37 @@ mod tests {
                 matches!(parse_disk(twice), Err(ConfigError::BadDisk { reason, .. }) if reason.contains("twice")),
                 "{twice}"
             );
+        }
+    }
+
+    #[test]
+    fn vsock() {
+        let v = parse_vsock("cid=3,uds=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.uds), (3, PathBuf::from("/tmp/v.sock")));
+        let v = parse_vsock("uds=v,cid=4294967294").unwrap();
+        assert_eq!(v.cid, u64::from(u32::MAX) - 1);
+        let long = format!("cid=3,uds=/{}", "x".repeat(MAX_UDS_PATH));
+        for (bad, why) in [
+            ("", "unknown key"),
+            ("cid=3", "required"),
+            ("uds=/tmp/v", "required"),
+            ("cid=2,uds=v", "reserved"),
+            ("cid=0,uds=v", "reserved"),
+            ("cid=4294967295,uds=v", "from 3"),
+            ("cid=-1,uds=v", "from 3"),
+            ("cid=x,uds=v", "from 3"),
+            ("cid=3,uds=", "needs a path"),
+            ("cid=3,cid=4,uds=v", "twice"),
+            ("cid=3,uds=a,uds=b", "twice"),
+            ("cid=3,uds=v,port=5", "unknown key"),
+            (long.as_str(), "at most"),
+        ] {
+            match parse_vsock(bad) {
+                Err(ConfigError::BadVsock { reason, .. }) => {
+                    assert!(reason.contains(why), "{bad}: {reason}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

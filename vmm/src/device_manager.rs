@@ -390,6 +390,11 @@ impl DeviceManager {
             source,
         };
         let extra = transport.device().io_subscribers();
+        // Each device's thread is filtered to what its kind of I/O needs.
+        let kind = match transport.device().device_type() {
+            virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK => crate::seccomp::ThreadKind::Vsock,
+            _ => crate::seccomp::ThreadKind::Disk,
+        };
         vm.register_irqfd(transport.irq_evt(), irq)
             .map_err(|e| kvm("KVM_IRQFD", e))?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
@@ -415,7 +420,7 @@ impl DeviceManager {
             })?;
         let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(handler))];
         subscribers.extend(extra);
-        spawn_io_thread(name, subscribers, ctl.clone(), self.seccomp)
+        spawn_io_thread(name, subscribers, ctl.clone(), self.seccomp, kind)
             .map_err(|e| create("I/O thread", e))?;
         self.guest_devices.push(GuestDevice::VirtioMmio(info));
         self.virtio.push(VirtioSlot {
@@ -475,6 +480,7 @@ fn spawn_io_thread(
     subscribers: Vec<Subscriber>,
     ctl: Arc<VmControl>,
     seccomp: bool,
+    kind: crate::seccomp::ThreadKind,
 ) -> std::io::Result<()> {
     let mut em: EventManager<Subscriber> =
         EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
@@ -487,7 +493,7 @@ fn spawn_io_thread(
         .spawn(move || {
             crate::signals::block_in_this_thread();
             if seccomp {
-                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Disk) {
+                if let Err(e) = crate::seccomp::install(kind) {
                     ctl.request_exit(ExitReason::VcpuFailed(format!("{what}: {e}")));
                     return;
                 }

@@ -57,12 +57,13 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     memory: String,
     /// Resume the VM of a snapshot (its state file) instead of booting; needs --mem. The snapshot
-    /// fixes the machine: no --kernel, --initramfs, --cmdline, --cpus, --memory or --disk.
+    /// fixes the machine: no --kernel, --initramfs, --cmdline, --cpus, --memory, --disk or
+    /// --vsock.
     #[arg(
         long,
         value_name = "PATH",
         requires = "mem",
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "disk"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "vsock"]
     )]
     restore: Option<PathBuf>,
     /// The snapshot's guest memory file, mapped copy-on-write (with --restore).
@@ -79,6 +80,10 @@ struct RunArgs {
     /// vdb, vdc, ... With overlay= the image is a read-only base and the writes go to FILE.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A virtio-vsock device: the guest's CID, and the Unix socket Ember listens on for host
+    /// clients (`CONNECT <port>`); the guest's connections to host port P go to PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH", requires = "kernel")]
+    vsock: Option<String>,
     /// Print the boot timeline at exit on stderr: as a table, or `--timings=json`.
     #[arg(long, value_name = "FORMAT", num_args = 0..=1, default_missing_value = "table", require_equals = true)]
     timings: Option<String>,
@@ -137,6 +142,7 @@ impl RunArgs {
                 .iter()
                 .map(|d| config::parse_disk(d))
                 .collect::<Result<_, _>>()?,
+            vsock: self.vsock.as_deref().map(config::parse_vsock).transpose()?,
             timings: self.timings()?,
             ready_marker: self.ready_marker.clone(),
             seccomp: config::parse_seccomp(&self.seccomp)?,

@@ -36,6 +36,12 @@ pub enum ThreadKind {
     MainWithApi,
     /// The API thread: accepts connections on the API socket, reads requests, writes replies.
     Api,
+    /// The vsock device's I/O thread: its event loop, the host's Unix sockets (accepting,
+    /// connecting to `<uds>_<port>`, reading and writing, shutting down).
+    Vsock,
+    /// The main thread of an Ember with a vsock device: `Main`, plus removing the listener's
+    /// socket file at exit.
+    MainWithVsock,
 }
 
 impl ThreadKind {
@@ -47,6 +53,8 @@ impl ThreadKind {
             ThreadKind::Disk => "disk I/O",
             ThreadKind::MainWithApi => "main (event loop, API)",
             ThreadKind::Api => "API",
+            ThreadKind::Vsock => "vsock I/O",
+            ThreadKind::MainWithVsock => "main (event loop, vsock)",
         }
     }
 }
@@ -155,7 +163,7 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
         // Port and MMIO exits run device code here: serial output goes to its sink (stdout or a
         // file), interrupts and notifications are eventfd writes. Closing the vCPU fd at the end.
         ThreadKind::Vcpu | ThreadKind::Console => {}
-        ThreadKind::Main | ThreadKind::MainWithApi => {
+        ThreadKind::Main | ThreadKind::MainWithApi | ThreadKind::MainWithVsock => {
             calls.extend([
                 // The event loop and its eventfds, stdin.
                 libc::SYS_epoll_wait,
@@ -166,9 +174,13 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_clock_nanosleep,
                 libc::SYS_nanosleep,
             ]);
+            if kind == ThreadKind::MainWithVsock {
+                // The vsock listener's socket file goes when Ember does.
+                calls.extend([libc::SYS_unlink, libc::SYS_unlinkat]);
+            }
             if kind == ThreadKind::MainWithApi {
                 calls.extend([
-                    // The API socket's file goes when Ember does.
+                    // The API socket's file (and a vsock listener's) goes when Ember does.
                     libc::SYS_unlink,
                     libc::SYS_unlinkat,
                     // Snapshots: the state and memory files are created and written.
@@ -209,6 +221,20 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_fsync,
             libc::SYS_fallocate,
         ]),
+        ThreadKind::Vsock => calls.extend([
+            // Its event loop, the queue eventfds and the host sockets' own epoll set.
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_read,
+            // Host clients on the listener; the guest's connections to `<uds>_<port>` (the
+            // socket itself is allowed for AF_UNIX only, see `conditional_rules`).
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+        ]),
     }
     calls
 }
@@ -234,9 +260,9 @@ fn conditional_rules(
             .into_iter()
             .chain(snapshot_ioctls::vcpu())
             .collect(),
-        ThreadKind::Console | ThreadKind::Disk | ThreadKind::Api => Vec::new(),
+        ThreadKind::Console | ThreadKind::Disk | ThreadKind::Api | ThreadKind::Vsock => Vec::new(),
         // Restoring the terminal on exit.
-        ThreadKind::Main => vec![TCGETS, TCSETS],
+        ThreadKind::Main | ThreadKind::MainWithVsock => vec![TCGETS, TCSETS],
         // And a snapshot's irqchip, PIT and clock.
         ThreadKind::MainWithApi => [TCGETS, TCSETS]
             .into_iter()
@@ -272,6 +298,17 @@ fn conditional_rules(
             vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, pid)?])?],
         ),
     ];
+    if kind == ThreadKind::Vsock {
+        // Unix sockets only: no network socket, whatever a compromised device thread wants.
+        rules.push((
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![cond(
+                0,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )?])?],
+        ));
+    }
     // To seccompiler a call with no rules is allowed whatever its arguments: a thread that may
     // make no ioctl at all must not get the entry.
     rules.retain(|(_, r)| !r.is_empty());
@@ -448,6 +485,9 @@ fn syscall_name(nr: i64) -> Option<&'static str> {
         libc::SYS_socket => "socket",
         libc::SYS_connect => "connect",
         libc::SYS_bind => "bind",
+        libc::SYS_accept4 => "accept4",
+        libc::SYS_shutdown => "shutdown",
+        libc::SYS_unlink => "unlink",
         libc::SYS_clone => "clone",
         libc::SYS_clone3 => "clone3",
         libc::SYS_fork => "fork",
@@ -679,8 +719,71 @@ mod tests {
     }
 
     #[test]
+    fn the_vsock_thread_makes_unix_sockets_only_and_no_disk_io() {
+        let (status, err) = in_filtered_child(ThreadKind::Vsock, || unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            let addr: libc::sockaddr_un = std::mem::zeroed();
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            );
+            libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+            let mut b = [0u8; 1];
+            libc::recv(fd, b.as_mut_ptr().cast(), 1, 0);
+            libc::send(fd, b.as_ptr().cast(), 1, 0);
+            libc::shutdown(fd, libc::SHUT_WR);
+            libc::close(fd);
+            let mut ev: [libc::epoll_event; 1] = std::mem::zeroed();
+            libc::epoll_wait(0, ev.as_mut_ptr(), 1, 0);
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x} {err}"
+        );
+        let (status, err) = in_filtered_child(ThreadKind::Vsock, || unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x} {err}");
+        assert!(
+            err.contains("the vsock I/O thread") && err.contains("(socket)"),
+            "{err}"
+        );
+        let (status, _) = in_filtered_child(ThreadKind::Vsock, || unsafe {
+            let mut b = [0u8; 1];
+            libc::pread64(0, b.as_mut_ptr().cast(), 1, 0);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+        let (status, _) = in_filtered_child(ThreadKind::Vsock, || unsafe {
+            libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+        // The main thread removes the listener's file at exit, and opens nothing.
+        let (status, err) = in_filtered_child(ThreadKind::MainWithVsock, || unsafe {
+            libc::unlink(c"/nonexistent/ember-vsock".as_ptr());
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x} {err}"
+        );
+        let (status, _) = in_filtered_child(ThreadKind::MainWithVsock, || unsafe {
+            libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+        let (status, _) = in_filtered_child(ThreadKind::Main, || unsafe {
+            libc::unlink(c"/nonexistent/ember-vsock".as_ptr());
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+    }
+
+    #[test]
     fn the_death_call_is_forbidden_everywhere() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Main] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::Main,
+            ThreadKind::Vsock,
+            ThreadKind::MainWithVsock,
+        ] {
             assert!(!plain_syscalls(kind).contains(&DEATH_SYSCALL));
             assert!(conditional_rules(kind)
                 .unwrap()

@@ -78,6 +78,8 @@ pub enum VmmError {
     Disk(#[from] crate::disks::DiskError),
     #[error(transparent)]
     Device(#[from] crate::device_manager::DeviceError),
+    #[error(transparent)]
+    Vsock(#[from] ember_devices::virtio::vsock::VsockError),
     #[error("device set-up: {0}")]
     Devices(String),
     #[error("event loop: {0:?}")]
@@ -332,6 +334,8 @@ pub struct Vmm {
     output: OutputDrain,
     terminal: Option<RawTerminal>,
     api: Option<crate::api::ApiChannel>,
+    /// The `--vsock` listener's socket file, removed when the VM is dropped.
+    vsock_file: Option<ember_devices::virtio::vsock::ListenerFile>,
 }
 
 /// Drives a `Vmm` from another thread (an API, a test): pause, resume, stop.
@@ -416,6 +420,12 @@ impl Vmm {
                 });
             }
         }
+        // Listening first, as for the API socket: a path in use is refused before anything else.
+        let vsock = cfg
+            .vsock
+            .as_ref()
+            .map(ember_devices::virtio::Vsock::new)
+            .transpose()?;
         let vm = create_vm(&kvm)?;
         timeline::mark(Phase::VmCreated);
 
@@ -432,6 +442,13 @@ impl Vmm {
         let (console, output) = serial_sink(&opts, &ctl)?;
         let (legacy, exits) = devices.attach_legacy(&vm, console, None)?;
         crate::disks::attach_disks(&mut devices, &vm, &mem, &cfg.disks, &ctl)?;
+        let vsock_file = match vsock {
+            Some((device, file)) => {
+                devices.attach_virtio(&vm, &mem, "vsock", device, &ctl)?;
+                Some(file)
+            }
+            None => None,
+        };
 
         // vCPUs exist before the command line is written: the TSC frequency comes from one.
         let vcpu_fds = create_vcpus(&vm, cfg.cpus)?;
@@ -461,7 +478,7 @@ impl Vmm {
             cpus: cfg.cpus,
             memory: cfg.memory,
         };
-        Vmm::assemble(Parts {
+        let mut vmm = Vmm::assemble(Parts {
             opts,
             machine,
             kvm,
@@ -473,7 +490,9 @@ impl Vmm {
             vcpu_fds,
             ctl,
             output,
-        })
+        })?;
+        vmm.vsock_file = vsock_file;
+        Ok(vmm)
     }
 
     /// A VM as a snapshot has it (see `snapshot` and `memory_file`): the same machine, its RAM
@@ -568,6 +587,7 @@ impl Vmm {
             output: p.output,
             terminal,
             api: None,
+            vsock_file: None,
         };
         if vmm.opts.serial == SerialMode::Stdio {
             let input = ConsoleInput::new(
@@ -788,6 +808,8 @@ impl Vmm {
             Ok(()) if self.opts.seccomp => {
                 let kind = if self.api.is_some() {
                     crate::seccomp::ThreadKind::MainWithApi
+                } else if self.vsock_file.is_some() {
+                    crate::seccomp::ThreadKind::MainWithVsock
                 } else {
                     crate::seccomp::ThreadKind::Main
                 };

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use crate::state::StateError;
 
 pub use block::{Block, BlockState, DiskConfig, OverlayConfig};
 pub use mmio::{MmioState, MmioStateError, MmioTransport, VirtqueueState};
+pub use vsock::{Vsock, VsockConfig};
 
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
@@ -157,4 +159,34 @@ impl Interrupt {
     fn restore_status(&self, bits: u32) {
         self.status.store(bits, Ordering::SeqCst);
     }
+}
+
+/// Fills `data` from a device's config space at `offset`; bytes past its end read as zero.
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Whether the driver wants an interrupt for the buffers just put in `queue`'s used ring: with
+/// EVENT_IDX as its used_event says; without, unless it set VRING_AVAIL_F_NO_INTERRUPT, which
+/// virtio-queue does not look at (a driver polling the used ring sets it; spec 2.7.7.2).
+pub(crate) fn needs_interrupt(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem);
+    }
+    let flags: u16 = mem
+        .read_obj(GuestAddress(queue.avail_ring()))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(u16::from_le(flags) & virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
