@@ -7,6 +7,7 @@ pub mod console;
 pub mod device_manager;
 pub mod disks;
 pub mod event_loop;
+pub mod exec;
 pub mod exec_client;
 pub mod exec_image;
 pub mod host;

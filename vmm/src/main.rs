@@ -29,6 +29,10 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new microVM; Ember exits when the guest resets or powers off.
     Run(RunArgs),
+    /// Run a command in a throwaway microVM over a read-only root image, and exit with its
+    /// status (124 timeout, 125 the VM or its agent failed, 126 not executable, 127 not found,
+    /// 128+N killed by signal N).
+    Exec(ExecArgs),
     /// Measure microVM start-up against containers (and peers) on the same root filesystem.
     // The benchmark is its own crate and binary (`ember-bench`); everything after `bench`,
     // `--help` included, is its to parse.
@@ -97,6 +101,88 @@ struct RunArgs {
     /// no --kernel or --restore, Ember waits there for a snapshot to load.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Kernel (default: Ember's microVM kernel, ~/.cache/ember/microvm-kernel/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Root filesystem: an ext4 image, or a directory (packed into a cached image). Default:
+    /// the guest kit's busybox root. It is only read: writes go to a throwaway overlay.
+    #[arg(long, value_name = "IMG|DIR")]
+    rootfs: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: String,
+    /// Guest memory.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// More virtio block devices (vdb, ...), as for `ember run`.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Stop the VM and exit 124 after this long (30s, 2m, ...), boot included.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// The command's environment, KEY=VALUE (repeat); PATH, HOME and TERM have defaults.
+    #[arg(long, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The command's working directory in the guest.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    cwd: String,
+    /// Write the guest's console (kernel messages) to PATH.
+    #[arg(long, value_name = "PATH")]
+    console: Option<PathBuf>,
+    /// System call filters for Ember's threads: on (default) or off.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    seccomp: String,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
+}
+
+impl ExecArgs {
+    fn to_options(&self) -> Result<ember_vmm::exec::ExecOptions, config::ConfigError> {
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("HOME".into(), "/root".into()),
+            ("TERM".into(), "dumb".into()),
+        ];
+        for word in &self.env {
+            let (k, v) = config::parse_env(word)?;
+            env.retain(|(key, _)| *key != k);
+            env.push((k, v));
+        }
+        Ok(ember_vmm::exec::ExecOptions {
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+            cpus: config::parse_cpus(&self.cpus)?,
+            memory: config::parse_memory(&self.memory)?,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| config::parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            timeout: self
+                .timeout
+                .as_deref()
+                .map(config::parse_duration)
+                .transpose()?,
+            console: self.console.clone(),
+            seccomp: config::parse_seccomp(&self.seccomp)?,
+            argv: self.command.clone(),
+            env,
+            cwd: self.cwd.clone(),
+        })
+    }
 }
 
 impl RunArgs {
@@ -236,6 +322,19 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Bench { args } => exec_bench(args),
+        Command::Exec(args) => {
+            let outcome = args
+                .to_options()
+                .map_err(|e| error_line(&e))
+                .and_then(|opts| ember_vmm::exec::exec(opts).map_err(|e| error_line(&e)));
+            match outcome {
+                Ok(code) => ExitCode::from(code),
+                Err(line) => {
+                    eprintln!("ember: error: {line}");
+                    ExitCode::from(ember_vmm::exec_client::EXIT_NO_AGENT)
+                }
+            }
+        }
         Command::Run(args) => {
             let (start, timings) = match args.to_start().and_then(|s| Ok((s, args.timings()?))) {
                 Ok(c) => c,

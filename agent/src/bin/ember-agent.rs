@@ -8,8 +8,6 @@
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 
 use ember_agent::{Outcome, Request, AGENT_PORT, FRAME_STDERR, FRAME_STDOUT};
 
@@ -113,6 +111,120 @@ fn accept_vsock() -> io::Result<OwnedFd> {
     }
 }
 
+/// Where `program` is: itself when it names a path, else the first executable of that name on
+/// the command's own PATH (not the agent's).
+fn resolve(program: &str, env: &[(String, String)]) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/bin:/bin");
+    let found = path
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program));
+    let mut first = None;
+    for candidate in found {
+        let Ok(meta) = std::fs::metadata(&candidate) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            return Some(candidate);
+        }
+        // Found but not executable: execve says why, as a shell would.
+        first.get_or_insert(candidate);
+    }
+    first
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    check(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
+        "pipe2",
+    )?;
+    // SAFETY: both descriptors are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Forks and execs the command with its stdout and stderr on pipes, stdin on /dev/null. Done by
+/// hand rather than with `std::process::Command`: the guest kernel may have no AF_UNIX sockets,
+/// which std's spawn path can need. Returns the child and the read ends, or how it failed.
+fn spawn(
+    req: &Request,
+    path: &std::path::Path,
+) -> Result<(libc::pid_t, OwnedFd, OwnedFd), Outcome> {
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |what: String| Outcome::Failed(what);
+    let c = |s: &[u8]| CString::new(s).map_err(|_| fail("a NUL byte in the command".into()));
+    let prog = c(path.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = req
+        .argv
+        .iter()
+        .map(|a| c(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = req
+        .env
+        .iter()
+        .map(|(k, v)| c(format!("{k}={v}").as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let cwd = c(req.cwd.as_bytes())?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let io_fail = |e: io::Error| fail(e.to_string());
+    let (out_r, out_w) = pipe().map_err(io_fail)?;
+    let (err_r, err_w) = pipe().map_err(io_fail)?;
+    let (status_r, status_w) = pipe().map_err(io_fail)?;
+    // SAFETY: the child only makes async-signal-safe calls (dup2, open, chdir, execve, write,
+    // _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail(format!("fork: {}", io::Error::last_os_error())));
+    }
+    if pid == 0 {
+        // SAFETY: see above; every pointer outlives the child's use of it.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            libc::dup2(null, 0);
+            libc::dup2(out_w.as_raw_fd(), 1);
+            libc::dup2(err_w.as_raw_fd(), 2);
+            let errno = if libc::chdir(cwd.as_ptr()) != 0 {
+                *libc::__errno_location()
+            } else {
+                libc::execve(prog.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+                *libc::__errno_location()
+            };
+            let bytes = errno.to_le_bytes();
+            libc::write(status_w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127);
+        }
+    }
+    drop((out_w, err_w, status_w));
+    // The status pipe closes at a successful execve (close-on-exec) or carries its errno.
+    let mut errno = [0u8; 4];
+    let mut status = std::fs::File::from(status_r);
+    if status.read_exact(&mut errno).is_ok() {
+        let mut ws = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, &mut ws, 0) };
+        let errno = i32::from_le_bytes(errno);
+        let what = format!("{}: {}", req.argv[0], io::Error::from_raw_os_error(errno));
+        return Err(match errno {
+            libc::ENOENT => Outcome::NotFound(req.argv[0].clone()),
+            libc::EACCES | libc::ENOEXEC | libc::EISDIR => Outcome::NotExecutable(what),
+            _ => Outcome::Failed(what),
+        });
+    }
+    Ok((pid, out_r, err_r))
+}
+
 /// Runs `req`, writing its output to `out` as it comes; returns how it ended.
 fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::ProtoError> {
     let Some(program) = req.argv.first() else {
@@ -121,34 +233,24 @@ fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::Prot
     if !std::path::Path::new(&req.cwd).is_dir() {
         return Ok(Outcome::Failed(format!("no directory {}", req.cwd)));
     }
-    let spawned = Command::new(program)
-        .args(&req.argv[1..])
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Outcome::NotFound(program.clone()))
-        }
-        Err(e)
-            if e.kind() == io::ErrorKind::PermissionDenied
-                || e.raw_os_error() == Some(libc::ENOEXEC) =>
-        {
-            return Ok(Outcome::NotExecutable(format!("{program}: {e}")))
-        }
-        Err(e) => return Ok(Outcome::Failed(format!("{program}: {e}"))),
+    let Some(path) = resolve(program, &req.env) else {
+        return Ok(Outcome::NotFound(program.clone()));
     };
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Ok(Outcome::Failed("no pipes to the command".into()));
+    let (pid, stdout, stderr) = match spawn(req, &path) {
+        Ok(child) => child,
+        Err(outcome) => return Ok(outcome),
     };
-    let mut streams: Vec<(RawFd, u8, Box<dyn Read>)> = vec![
-        (stdout.as_raw_fd(), FRAME_STDOUT, Box::new(stdout)),
-        (stderr.as_raw_fd(), FRAME_STDERR, Box::new(stderr)),
+    let mut streams: Vec<(RawFd, u8, std::fs::File)> = vec![
+        (
+            stdout.as_raw_fd(),
+            FRAME_STDOUT,
+            std::fs::File::from(stdout),
+        ),
+        (
+            stderr.as_raw_fd(),
+            FRAME_STDERR,
+            std::fs::File::from(stderr),
+        ),
     ];
     let mut buf = vec![0u8; ember_agent::MAX_FRAME];
     while !streams.is_empty() {
@@ -186,11 +288,24 @@ fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::Prot
             streams.remove(i);
         }
     }
-    let status = child.wait()?;
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => Outcome::Exited(code),
-        (None, Some(sig)) => Outcome::Signalled(sig),
-        (None, None) => Outcome::Failed(format!("ended as {status:?}")),
+    let mut ws = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut ws, 0) };
+        if r == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Ok(Outcome::Failed(format!("waitpid: {e}")));
+        }
+    }
+    Ok(if libc::WIFEXITED(ws) {
+        Outcome::Exited(libc::WEXITSTATUS(ws))
+    } else if libc::WIFSIGNALED(ws) {
+        Outcome::Signalled(libc::WTERMSIG(ws))
+    } else {
+        Outcome::Failed(format!("ended with wait status {ws:#x}"))
     })
 }
 
