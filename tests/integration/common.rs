@@ -248,3 +248,27 @@ pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, 
         .unwrap_or_default();
     (status, body)
 }
+
+/// Runs `cmd` with stdin at EOF and returns its status, its stdout as bytes (for byte-exact
+/// checks) and its stderr; kills it at `deadline`.
+pub fn run_command_bytes(mut cmd: Command, deadline: Duration) -> (ExitStatus, Vec<u8>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = drain(child.stderr.take().unwrap());
+    let status = wait_deadline(&mut child, deadline);
+    let stdout = reader.join().unwrap();
+    let stderr = err.join().unwrap();
+    let status =
+        status.unwrap_or_else(|| panic!("timed out after {deadline:?}\nstderr:\n{stderr}"));
+    (status, stdout, stderr)
+}

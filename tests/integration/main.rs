@@ -8,6 +8,7 @@ mod blk;
 mod cli;
 mod console;
 mod control;
+mod exec;
 mod guests;
 mod hardening;
 mod kernels;
