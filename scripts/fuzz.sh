@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes everything a guest or a user controls (fuzz/fuzz_targets: config parsers, legacy device
-# registers, virtio-blk request parsing and queue processing, the virtio-mmio register file, the
-# kernel/initramfs loader) with cargo-fuzz (libFuzzer + AddressSanitizer), each for a bounded time,
-# after replaying the inputs in fuzz/regressions/TARGET (earlier crashes, kept as tests).
+# registers, virtio-blk request parsing and queue processing, virtio-vsock packets and host
+# sockets, the virtio-mmio register file, the kernel/initramfs loader) with cargo-fuzz
+# (libFuzzer + AddressSanitizer), each for a bounded time, after replaying the inputs in
+# fuzz/regressions/TARGET (earlier crashes, kept as tests).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     default: 20 s, every target
 #

@@ -166,6 +166,27 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     })
 }
 
+/// The lines `child` writes to its (piped) stdout, each with its time since `start`, as they
+/// come.
+pub fn console_lines(
+    child: &mut Child,
+    start: Instant,
+) -> std::sync::mpsc::Receiver<(Duration, String)> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            if tx.send((start.elapsed(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Waits for `child`, killing it at the deadline (then returns None).
 pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
     let end = Instant::now() + deadline;

@@ -14,3 +14,4 @@ mod hardening;
 mod kernels;
 mod microvm_kernel;
 mod snapshot;
+mod vsock;

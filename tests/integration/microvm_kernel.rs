@@ -5,7 +5,6 @@
 //! userspace and the guest's `reboot -f` ends Ember with status 0 (kernels.rs tests the rest of
 //! userspace on this kernel).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -36,17 +35,7 @@ fn watch(
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn ember");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n') {
-            let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line).trim_end().to_string();
-            if tx.send((start.elapsed(), line)).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::console_lines(&mut child, start);
     let mut lines = Vec::new();
     let mut seen = vec![false; needles.len()];
     let mut status = None;
