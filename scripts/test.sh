@@ -29,7 +29,7 @@ if [ "$status" -eq 0 ]; then scripts/fuzz.sh "${EMBER_FUZZ_SECONDS:-20}"; fi
 
 # Parallel tests interleave their output, so count occurrences rather than whole lines; a failed
 # test fails the run through $status anyway.
-passed=$(grep -oE '^test (bench|bench_cli|blk|cli|console|control|exec|guests|hardening|kernels|microvm_kernel|snapshot)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
+passed=$(grep -oE '^test (bench|bench_cli|blk|cli|console|control|exec|guests|hardening|kernels|microvm_kernel|snapshot|vsock)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
 skipped=$(grep -oE 'SKIPPED [a-z0-9_]+:' "$log" | wc -l)
 runs=$(wc -l <"$boots")
 booted=$(grep -c '"first_serial_byte":[0-9]' "$boots" || true)
