@@ -231,6 +231,12 @@ impl Vsock {
         (m.connections(), m.queued_bytes())
     }
 
+    /// The host sockets' epoll set, for tests that look at what it reports.
+    #[cfg(test)]
+    pub(crate) fn epoll_fd(&self) -> RawFd {
+        self.epoll_fd
+    }
+
     /// Serves the host sockets that are ready, as the I/O thread does on their event.
     pub fn host_events(&self) {
         self.server.host_events();

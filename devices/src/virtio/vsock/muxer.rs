@@ -88,7 +88,14 @@ struct Table {
     cursor: usize,
     next_token: u64,
     next_port: u32,
+    /// Set while the listener is out of the epoll set because accepting failed (out of
+    /// descriptors): it is readable all the while, and level-triggered it would spin the
+    /// thread. Holds how many sockets Ember had then; it is watched again once it has fewer,
+    /// or when the guest next asks for something.
+    listener_paused: Option<usize>,
     log: GuestLog,
+    /// Host-side failures that could repeat without end (a full descriptor table).
+    host_log: GuestLog,
 }
 
 /// Readable or writable, edge-triggered: a stream is read until it would block and then left
@@ -119,7 +126,9 @@ impl Muxer {
                 cursor: 0,
                 next_token: LISTENER_TOKEN + 1,
                 next_port: HOST_PORT_FIRST,
+                listener_paused: None,
                 log: GuestLog::new("virtio-vsock"),
+                host_log: GuestLog::new("virtio-vsock (host sockets)"),
             },
             descs: Vec::with_capacity(8),
         })
@@ -141,6 +150,7 @@ impl Muxer {
         self.active = None;
         self.table.conns.clear();
         self.table.resets.clear();
+        self.table.resume_listener(true);
     }
 
     pub fn connections(&self) -> usize {
@@ -161,6 +171,7 @@ impl Muxer {
             _ => false,
         };
         self.pump_rx()?;
+        self.table.resume_listener(true);
         Ok(more)
     }
 
@@ -172,7 +183,9 @@ impl Muxer {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => {
-                log::error!("virtio-vsock: cannot read the host sockets' events: {e}");
+                self.table
+                    .host_log
+                    .warn(format_args!("cannot read the host sockets' events: {e}"));
                 0
             }
         };
@@ -183,6 +196,7 @@ impl Muxer {
         if usable {
             self.pump_rx()?;
         }
+        self.table.resume_listener(false);
         Ok(())
     }
 
@@ -322,6 +336,44 @@ impl Table {
         t
     }
 
+    fn sockets(&self) -> usize {
+        self.conns.len() + self.handshakes.len()
+    }
+
+    fn pause_listener(&mut self) {
+        let fd = self.listener.as_raw_fd();
+        if self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            .is_ok()
+        {
+            self.listener_paused = Some(self.sockets());
+        }
+    }
+
+    /// Watches the listener again after `pause_listener`, once Ember holds fewer sockets than
+    /// then, or when `anyway` (the guest asked for something: at worst one more failed accept).
+    fn resume_listener(&mut self, anyway: bool) {
+        let Some(held) = self.listener_paused else {
+            return;
+        };
+        if !anyway && self.sockets() >= held {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        if self
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .is_ok()
+        {
+            self.listener_paused = None;
+        }
+    }
+
     /// Adds a host socket to the epoll set under a new token; None (logged) if it cannot be.
     fn watch(&mut self, stream: &UnixStream) -> Option<u64> {
         let token = self.token();
@@ -332,7 +384,9 @@ impl Table {
         ) {
             Ok(()) => Some(token),
             Err(e) => {
-                log::error!("virtio-vsock: cannot watch a host socket: {e}");
+                // Out of memory for epoll entries; a guest could ask again and again.
+                self.host_log
+                    .warn(format_args!("cannot watch a host socket: {e}"));
                 None
             }
         }
@@ -547,9 +601,15 @@ impl Table {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The client gave up before it was accepted.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
                     // Out of descriptors, most likely: the client waits in the backlog.
-                    log::warn!("virtio-vsock: cannot accept a host connection: {e}");
+                    self.host_log.warn(format_args!(
+                        "cannot accept a host connection ({e}); the listener waits until a \
+                         socket closes"
+                    ));
+                    self.pause_listener();
                     return;
                 }
             };

@@ -1032,3 +1032,76 @@ fn sixty_four_mib_each_way_arrive_intact() {
         N as f64 / up.as_secs_f64() / 1e6
     );
 }
+
+/// Out of descriptors, a host client cannot be accepted and the listener stays readable: it
+/// leaves the epoll set rather than wake the I/O thread without end, and comes back once the
+/// guest asks for something; the waiting client is then served. Runs in a process of its own
+/// (this test binary again), since it lowers the descriptor limit.
+#[test]
+fn a_full_descriptor_table_pauses_the_listener_instead_of_spinning() {
+    const CHILD: &str = "EMBER_VSOCK_EMFILE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        emfile_child();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "virtio::vsock::tests::a_full_descriptor_table_pauses_the_listener_instead_of_spinning",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("emfile child: ok"), "{text}");
+}
+
+fn emfile_child() {
+    use std::os::fd::AsRawFd;
+    let mut d = Driver::new();
+    let mut client = UnixStream::connect(&d.uds).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    // The lowest free descriptor: every one below it is taken, so a limit there leaves none.
+    let probe = std::fs::File::open("/dev/null").unwrap();
+    let lowest = probe.as_raw_fd() as libc::rlim_t;
+    drop(probe);
+    let mut saved = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
+        let low = libc::rlimit {
+            rlim_cur: lowest,
+            rlim_max: saved.rlim_max,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+    }
+    d.dev.host_events();
+    let mut pfd = libc::pollfd {
+        fd: d.dev.epoll_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    // SAFETY: as above.
+    unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &saved), 0) };
+    assert_eq!(ready, 0, "the epoll set still reports the listener");
+    // The guest asks for something: the listener is back and the client gets its REQUEST.
+    d.post_rx();
+    let req = d.expect_one(OP_REQUEST);
+    assert_eq!(req.dst_port, 52);
+    println!("emfile child: ok");
+}
