@@ -35,7 +35,12 @@ fn read(path: &Path) -> String {
 fn check_counting(console: &str) -> u64 {
     let mut nonce = None;
     let mut next = 0u64;
-    for line in console.lines().filter(|l| l.contains(" n=")) {
+    // Only whole lines: one the guest is still writing ("n=1" of "n=11") is checked next time.
+    let whole = console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(str::trim_end);
+    for line in whole.filter(|l| l.contains(" n=")) {
         let (left, n) = line.rsplit_once(" n=").unwrap();
         let this_nonce = left.trim_start_matches("counter: nonce=");
         assert_eq!(
@@ -43,8 +48,9 @@ fn check_counting(console: &str) -> u64 {
             this_nonce,
             "the nonce changed (the guest rebooted?):\n{console}"
         );
-        // A line cut short by the read is the last one; it is checked next time.
-        let Ok(n) = n.parse::<u64>() else { break };
+        let n: u64 = n
+            .parse()
+            .unwrap_or_else(|_| panic!("not a count: {line:?}\n{console}"));
         assert_eq!(n, next, "a line is missing or repeated:\n{console}");
         next += 1;
     }
