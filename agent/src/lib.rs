@@ -7,6 +7,9 @@
 //!    stream; one [`FRAME_EXIT`] carries an [`Outcome`] as JSON and is the last frame.
 //!
 //! Frames are at most [`MAX_FRAME`] bytes, so a reader never has to hold more than that.
+//!
+//! Without vsock (console mode, [`CONSOLE_FLAG`]) the outcome travels as one console line,
+//! [`outcome_line`], which [`parse_outcome_line`] finds again in what the console carried.
 
 use std::io::{self, Read, Write};
 
@@ -20,6 +23,72 @@ pub const FRAME_EXIT: u8 = 3;
 pub const MAX_FRAME: usize = 64 * 1024;
 /// A request is a few arguments and variables; a longer line is refused.
 pub const MAX_REQUEST: usize = 1 << 20;
+
+/// The kernel command line word that puts the agent in console mode: the command is what follows
+/// `--` on the command line ([`command_after_dashes`]); its output and [`outcome_line`] go to the
+/// console.
+pub const CONSOLE_FLAG: &str = "ember.agent.console";
+/// How the outcome line starts; JSON of the [`Outcome`] follows on the same line.
+pub const OUTCOME_PREFIX: &str = "ember-agent: outcome ";
+
+/// The environment `ember exec` gives a command unless told otherwise (and console mode always).
+pub fn default_env() -> Vec<(String, String)> {
+    [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("TERM", "dumb"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
+
+/// The command in a kernel command line: the words after its standalone `--`, a double-quoted
+/// stretch being one word (the kernel's own rule). Not init's argv: the kernel also puts there
+/// every word it does not know that has no `=` or `.` (`noxsave` on a kernel that lacks it).
+pub fn command_after_dashes(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let (mut quoted, mut started, mut after) = (false, false, false);
+    for c in cmdline.chars().chain(std::iter::once(' ')) {
+        if c == '"' {
+            quoted = !quoted;
+            started = true;
+        } else if c.is_whitespace() && !quoted {
+            if started {
+                if after {
+                    words.push(std::mem::take(&mut word));
+                } else {
+                    after = word == "--";
+                    word.clear();
+                }
+            }
+            started = false;
+        } else {
+            word.push(c);
+            started = true;
+        }
+    }
+    words
+}
+
+/// The console line that reports `outcome` (no newline).
+pub fn outcome_line(outcome: &Outcome) -> String {
+    // An Outcome always encodes: it is an enum of integers and strings.
+    let json = serde_json::to_string(outcome).unwrap_or_else(|_| "null".into());
+    format!("{OUTCOME_PREFIX}{json}")
+}
+
+/// The outcome a console's text reports: its last outcome line that parses (a console also
+/// carries the kernel's lines and the command's own output, which may end without a newline).
+pub fn parse_outcome_line(console: &str) -> Option<Outcome> {
+    console.lines().rev().find_map(|l| {
+        let at = l.find(OUTCOME_PREFIX)?;
+        serde_json::from_str(l[at + OUTCOME_PREFIX.len()..].trim()).ok()
+    })
+}
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +241,37 @@ mod tests {
             Some(Frame::Exit(Outcome::Signalled(9)))
         );
         assert_eq!(read_frame(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn the_command_is_what_follows_the_dashes() {
+        let w = |s: &str| command_after_dashes(s);
+        assert_eq!(w("console=ttyS0 noxsave -- true"), ["true"]);
+        assert_eq!(
+            w("quiet -- sh -c \"echo a  b; exit 3\" x\n"),
+            ["sh", "-c", "echo a  b; exit 3", "x"]
+        );
+        assert_eq!(w("a=\"-- x\" -- \"\" y"), ["", "y"]);
+        assert!(w("console=ttyS0 noxsave").is_empty());
+        assert!(w("-- ").is_empty());
+        // Only the first `--` separates; a later one is the command's.
+        assert_eq!(w("-- echo --"), ["echo", "--"]);
+    }
+
+    #[test]
+    fn outcome_lines_are_found_in_console_text() {
+        let line = outcome_line(&Outcome::Exited(3));
+        assert_eq!(line, r#"ember-agent: outcome {"Exited":3}"#);
+        // Output without a final newline runs into the line; a serial console adds \r.
+        let console = format!("[ 1.0] booting\r\npartial{line}\r\n");
+        assert_eq!(parse_outcome_line(&console), Some(Outcome::Exited(3)));
+        let nf = outcome_line(&Outcome::NotFound("x y".into()));
+        assert_eq!(
+            parse_outcome_line(&nf),
+            Some(Outcome::NotFound("x y".into()))
+        );
+        assert_eq!(parse_outcome_line("ember-agent: outcome {\"Exi"), None);
+        assert_eq!(parse_outcome_line("no such line"), None);
     }
 
     #[test]

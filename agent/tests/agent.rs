@@ -123,3 +123,46 @@ fn missing_and_unrunnable_commands_are_told_apart() {
     assert!(matches!(exec(&[]).2, Outcome::Failed(_)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Console mode on the host: the command's output and then the outcome line on stdout, with
+/// the status, signal or missing command the line reports.
+#[test]
+fn console_mode_prints_the_output_then_the_outcome_line() {
+    let console = |argv: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember-agent"))
+            .arg("--console")
+            .args(argv)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (out, err) = console(&["sh", "-c", "echo to-out; echo to-err >&2; exit 3"]);
+    assert_eq!(out, "to-out\nember-agent: outcome {\"Exited\":3}\n");
+    assert_eq!(err, "to-err\n");
+    assert_eq!(
+        ember_agent::parse_outcome_line(&out),
+        Some(Outcome::Exited(3))
+    );
+    let (out, _) = console(&["true"]);
+    assert_eq!(
+        ember_agent::parse_outcome_line(&out),
+        Some(Outcome::Exited(0))
+    );
+    let (out, _) = console(&["sh", "-c", "kill -9 $$"]);
+    assert_eq!(
+        ember_agent::parse_outcome_line(&out),
+        Some(Outcome::Signalled(9))
+    );
+    let (out, _) = console(&["no-such-command-ember"]);
+    assert!(matches!(
+        ember_agent::parse_outcome_line(&out),
+        Some(Outcome::NotFound(_))
+    ));
+    // The environment is exec's default one, not the agent's.
+    let (out, _) = console(&["sh", "-c", "echo \"$HOME $TERM\""]);
+    assert!(out.starts_with("/root dumb\n"), "{out}");
+}

@@ -148,14 +148,7 @@ struct ExecArgs {
 
 impl ExecArgs {
     fn to_options(&self) -> Result<ember_vmm::exec::ExecOptions, config::ConfigError> {
-        let mut env: Vec<(String, String)> = vec![
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            ),
-            ("HOME".into(), "/root".into()),
-            ("TERM".into(), "dumb".into()),
-        ];
+        let mut env = ember_agent::default_env();
         for word in &self.env {
             let (k, v) = config::parse_env(word)?;
             env.retain(|(key, _)| *key != k);

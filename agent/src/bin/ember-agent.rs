@@ -4,12 +4,18 @@
 //! 52, runs the one command it is sent, streams its output back as it comes, reports how it
 //! ended, and powers the VM off. `--listen-unix PATH` serves one request on a Unix socket instead,
 //! without touching the system (how its tests run it on the host).
+//!
+//! Console mode, for a VMM without vsock (how `ember bench --guest exec` runs the same guest under
+//! QEMU): with `ember.agent.console` on the kernel command line the command is what follows `--`
+//! there, run with `ember exec`'s default environment in `/`; its
+//! output goes to the console and [`ember_agent::outcome_line`] reports how it ended before the
+//! poweroff. `--console CMD...` does the same on the host, without touching the system.
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use ember_agent::{Outcome, Request, AGENT_PORT, FRAME_STDERR, FRAME_STDOUT};
+use ember_agent::{Outcome, Request, AGENT_PORT, CONSOLE_FLAG, FRAME_STDERR, FRAME_STDOUT};
 
 fn log(msg: &str) {
     // The console: the kernel gives PID 1 /dev/console as stdout.
@@ -225,8 +231,11 @@ fn spawn(
     Ok((pid, out_r, err_r))
 }
 
-/// Runs `req`, writing its output to `out` as it comes; returns how it ended.
-fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::ProtoError> {
+/// Runs `req`, handing its output to `out` (stream kind, bytes) as it comes; returns how it ended.
+fn run(
+    req: &Request,
+    out: &mut impl FnMut(u8, &[u8]) -> Result<(), ember_agent::ProtoError>,
+) -> Result<Outcome, ember_agent::ProtoError> {
     let Some(program) = req.argv.first() else {
         return Ok(Outcome::Failed("no command given".into()));
     };
@@ -279,7 +288,7 @@ fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::Prot
             let (_, kind, reader) = &mut streams[i];
             match reader.read(&mut buf) {
                 Ok(0) => closed.push(i),
-                Ok(n) => ember_agent::write_output(out, *kind, &buf[..n])?,
+                Ok(n) => out(*kind, &buf[..n])?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => closed.push(i),
             }
@@ -311,8 +320,36 @@ fn run(req: &Request, out: &mut impl Write) -> Result<Outcome, ember_agent::Prot
 
 fn serve(conn: &mut (impl Read + Write)) -> Result<(), ember_agent::ProtoError> {
     let req = ember_agent::read_request(conn)?;
-    let outcome = run(&req, conn)?;
+    let outcome = run(&req, &mut |kind, data| {
+        ember_agent::write_output(conn, kind, data)
+    })?;
     ember_agent::write_exit(conn, &outcome)
+}
+
+/// Console mode: `argv` run as `ember exec` would run it, its output on our own stdout and
+/// stderr (the console, as PID 1), then the outcome line on stdout.
+fn run_on_console(argv: &[String]) -> Result<Outcome, ember_agent::ProtoError> {
+    let req = Request {
+        argv: argv.to_vec(),
+        env: ember_agent::default_env(),
+        cwd: "/".into(),
+    };
+    let outcome = run(&req, &mut |kind, data| {
+        if kind == FRAME_STDERR {
+            let mut e = io::stderr().lock();
+            e.write_all(data)?;
+            e.flush()?;
+        } else {
+            let mut o = io::stdout().lock();
+            o.write_all(data)?;
+            o.flush()?;
+        }
+        Ok(())
+    })?;
+    let mut o = io::stdout().lock();
+    writeln!(o, "{}", ember_agent::outcome_line(&outcome))?;
+    o.flush()?;
+    Ok(outcome)
 }
 
 fn poweroff() -> ! {
@@ -339,14 +376,35 @@ fn main() {
             std::process::exit(code);
         }
     }
+    if args.get(1).is_some_and(|a| a == "--console") {
+        let code = match run_on_console(&args[2..]) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("ember-agent: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
     if !pid1 {
-        eprintln!("ember-agent: runs as a microVM's init (or with --listen-unix PATH for tests)");
+        eprintln!(
+            "ember-agent: runs as a microVM's init (or on the host, for tests: --listen-unix PATH, \
+             or --console CMD...)"
+        );
         std::process::exit(2);
     }
     if let Err(e) = become_init() {
         log(&format!("cannot set up the guest: {e}"));
+        poweroff();
+    }
+    // /proc is the initramfs's or the root's own: become_init mounted both.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == CONSOLE_FLAG) {
+        if let Err(e) = run_on_console(&ember_agent::command_after_dashes(&cmdline)) {
+            log(&format!("the command's report failed: {e}"));
+        }
         poweroff();
     }
     match accept_vsock() {
