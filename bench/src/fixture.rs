@@ -40,6 +40,7 @@ pub fn report() -> Report {
         },
         command: "ember bench --guest null".into(),
         restore: vec![],
+        exec: None,
         modes: vec![ModeResult {
             mode: Mode::Null,
             guest: "hello.elf (no initramfs)".into(),

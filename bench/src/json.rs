@@ -24,6 +24,8 @@ struct File<'a> {
     modes: Vec<Mode<'a>>,
     /// The restore mode, one entry per guest snapshotted (empty when it did not run).
     restore: Vec<Restore<'a>>,
+    /// The exec mode (null when it did not run).
+    exec: Option<crate::exec::Json<'a>>,
 }
 
 #[derive(DeriveSerialize)]
@@ -446,6 +448,7 @@ pub fn to_string(r: &Report) -> Result<String, serde_json::Error> {
         notes: &r.notes,
         modes: r.modes.iter().map(mode).collect(),
         restore: r.restore.iter().map(restore).collect(),
+        exec: r.exec.as_ref().map(crate::exec::json),
     };
     let mut text = serde_json::to_string_pretty(&file)?;
     text.push('\n');

@@ -17,6 +17,7 @@
 //! machine drift falls on all of them alike.
 
 pub mod chart;
+pub mod exec;
 #[cfg(test)]
 mod fixture;
 pub mod host;
@@ -47,19 +48,21 @@ use systems::{Bundle, Guest, Kind, QemuGuest, Skipped, System};
 )]
 pub struct BenchArgs {
     /// Rounds; each runs every system once, in rotating order [default: 20 null, 10 banner,
-    /// 10 linux (3 on kvm_pvm, where a boot takes ~30 s)].
+    /// 10 linux (3 on kvm_pvm, where a boot takes ~30 s), 10 exec].
     #[arg(long, value_name = "N")]
     pub rounds: Option<u32>,
     /// Modes, comma-separated: null (the null test guest: VMM overhead), linux (a kernel and
     /// the kit's initramfs to userspace), banner (a kernel to its `Linux version` line; VMMs
     /// only), restore (a snapshot of a booted guest resumed, one and N clones at once, next to
-    /// a container start), or auto: null,linux,restore on hardware KVM; null,banner,linux,
+    /// a container start), exec (`ember exec -- true` end to end, next to Ember and QEMU running
+    /// the same guest with its console agent and to `crun run` of `true`; not in auto: three
+    /// Linux boots a round), or auto: null,linux,restore on hardware KVM; null,banner,linux,
     /// restore on kvm_pvm (where guest kernel code is emulated: the banner mode shows the VMMs'
     /// part of a kernel boot).
     #[arg(long, value_name = "MODES", default_value = "auto")]
     pub guest: String,
-    /// Kernel for the linux and banner modes [default: the microVM kernel's vmlinux from
-    /// scripts/microvm-kernel.sh when built, else the kit's vmlinux].
+    /// Kernel for the linux, banner and exec modes [default: the microVM kernel's vmlinux from
+    /// scripts/microvm-kernel.sh when built, else (not for exec) the kit's vmlinux].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs for the linux mode; it must print the ready marker and then power off
@@ -70,8 +73,9 @@ pub struct BenchArgs {
     /// the current directory]. Its sibling echo.elf is used for the memory probe.
     #[arg(long, value_name = "PATH")]
     pub null_guest: Option<PathBuf>,
-    /// Root filesystem directory the containers run from (copied once; left untouched)
-    /// [default: the kit's rootfs/].
+    /// Root filesystem directory the containers run from (copied once; left untouched), and
+    /// the exec mode's root (its image, as `ember exec --rootfs DIR` makes it) [default: the
+    /// kit's rootfs/].
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
     /// Systems to run, comma-separated, from ember, floor, crun, runc, podman, docker, qemu,
@@ -82,8 +86,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     pub memory: String,
     /// Seconds one launch may take before it is killed and counted as failed
-    /// [default: 30 null, 60 banner, 120 linux, 240 linux on kvm_pvm; restore: 30, a restored
-    /// Linux guest 120 on kvm_pvm].
+    /// [default: 30 null, 60 banner, 120 linux and exec, 240 linux and exec on kvm_pvm;
+    /// restore: 30, a restored Linux guest 120 on kvm_pvm].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Write every figure and sample as JSON to FILE.
@@ -134,6 +138,7 @@ pub enum Mode {
     Linux,
     Banner,
     Restore,
+    Exec,
 }
 
 impl Mode {
@@ -143,6 +148,7 @@ impl Mode {
             Mode::Linux => "linux",
             Mode::Banner => "banner",
             Mode::Restore => "restore",
+            Mode::Exec => "exec",
         }
     }
 
@@ -152,6 +158,7 @@ impl Mode {
             Mode::Linux => "Linux guest (kernel + initramfs to userspace)",
             Mode::Banner => "Linux kernel to its banner (VMMs only; stopped there)",
             Mode::Restore => "snapshot restore",
+            Mode::Exec => "one command in a fresh machine",
         }
     }
 }
@@ -191,6 +198,7 @@ pub struct Report {
     pub modes: Vec<ModeResult>,
     /// The restore mode, one per guest snapshotted.
     pub restore: Vec<restore::RestoreResult>,
+    pub exec: Option<exec::ExecResult>,
     /// Modes not run, with the reason.
     pub notes: Vec<String>,
 }
@@ -246,7 +254,14 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     let mut results = Vec::new();
     let mut restored = Vec::new();
+    let mut executed = None;
     for mode in modes {
+        if mode == Mode::Exec {
+            let r = run_exec(&args, &inputs, &wanted, host.kvm)?;
+            let _ = write!(out, "\n{}", exec::text(&r));
+            executed = Some(r);
+            continue;
+        }
         if mode == Mode::Restore {
             for g in restore_guests(&args, &inputs, host.kvm)? {
                 let r = run_restore(g, &args, &inputs, &wanted, host.kvm, guest_bytes)?;
@@ -260,7 +275,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         let _ = write!(out, "\n{}", report::text(&r));
         results.push(r);
     }
-    if results.is_empty() && restored.is_empty() {
+    if results.is_empty() && restored.is_empty() && executed.is_none() {
         notes.push("no mode ran".into());
     }
     let report = Report {
@@ -268,6 +283,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         command,
         modes: results,
         restore: restored,
+        exec: executed,
         notes,
     };
     if let Some(path) = &args.json {
@@ -323,9 +339,10 @@ fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), Ben
             "banner" => &[Mode::Banner],
             "linux" => &[Mode::Linux],
             "restore" => &[Mode::Restore],
+            "exec" => &[Mode::Exec],
             other => {
                 return Err(BenchError::Input(format!(
-                    "--guest: `{other}` is not null, linux, banner, restore or auto"
+                    "--guest: `{other}` is not null, linux, banner, restore, exec or auto"
                 )))
             }
         };
@@ -335,6 +352,7 @@ fn modes(args: &BenchArgs, kvm: KvmKind) -> Result<(Vec<Mode>, Vec<String>), Ben
             }
         }
     }
+    // The exec mode says its own (exec.rs).
     if kvm == KvmKind::Pvm && out.iter().any(|m| matches!(m, Mode::Linux | Mode::Banner)) {
         notes.push(
             "kvm_pvm host: the guest's kernel (ring-0) code is emulated, thousands of times \
@@ -367,7 +385,7 @@ fn kit_dir() -> PathBuf {
     cache_dir("EMBER_KIT", "kit")
 }
 
-fn cache_dir(var: &str, name: &str) -> PathBuf {
+pub(crate) fn cache_dir(var: &str, name: &str) -> PathBuf {
     if let Some(d) = std::env::var_os(var) {
         return PathBuf::from(d);
     }
@@ -455,6 +473,9 @@ fn guest_for(mode: Mode, args: &BenchArgs, inputs: &Inputs) -> Result<Guest, Ben
                 stop_at_ready: true,
             })
         }
+        Mode::Exec => Err(BenchError::Input(
+            "the exec mode boots `ember exec`'s own guest (exec.rs)".into(),
+        )),
         Mode::Linux => {
             let kernel = linux_kernel(args, inputs)?;
             let initramfs = match &args.initramfs {
@@ -522,12 +543,7 @@ fn run_mode(
     guest_bytes: u64,
 ) -> Result<ModeResult, BenchError> {
     let rounds = rounds_for(mode, args, kvm)?;
-    let timeout = Duration::from_secs(args.timeout.unwrap_or(match (mode, kvm) {
-        (Mode::Null | Mode::Restore, _) => 30,
-        (Mode::Banner, _) => 60,
-        (Mode::Linux, KvmKind::Pvm) => 240,
-        (Mode::Linux, _) => 120,
-    }));
+    let timeout = timeout_for(mode, args, kvm);
     let mut progress = Progress::new(!args.quiet);
     let mut bundle = Bundle::create(&inputs.rootfs, &guest.marker)?;
 
@@ -577,45 +593,40 @@ fn run_mode(
         })
         .collect();
     let total = rounds as usize * systems.len();
-    let mut done = 0;
-    for round in 0..rounds as usize {
-        for k in 0..systems.len() {
-            let i = (k + round) % systems.len();
-            let sys = &systems[i];
-            progress.bar(
-                done,
-                total,
-                &format!("round {}/{rounds}: {}", round + 1, sys.name()),
-            );
-            let id = format!("{}-{round}-{i}", std::process::id());
-            let res = &mut results[i];
-            match trial::run(&sys.spec(&id, &guest.marker, timeout, guest.stop_at_ready)) {
-                Ok(t) if t.ok() => {
-                    let timeline = phases::parse(&t.stderr);
-                    if sys.kind == Kind::Ember && timeline.is_none() {
-                        res.failures.push("no --timings=json line on stderr".into());
-                    } else {
-                        res.ready_ms.push(ms(t.ready.unwrap_or_default()));
-                        // A VMM we stopped has no exit time of its own.
-                        if !t.stopped {
-                            res.exit_ms.push(ms(t.exit));
-                        }
-                        res.rss_kib.push(t.max_rss_kib as f64);
-                        if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
-                            res.timelines.push(tl);
-                        }
+    for (done, round, i) in rotation(rounds, systems.len()) {
+        let sys = &systems[i];
+        progress.bar(
+            done,
+            total,
+            &format!("round {}/{rounds}: {}", round + 1, sys.name()),
+        );
+        let id = format!("{}-{round}-{i}", std::process::id());
+        let res = &mut results[i];
+        match trial::run(&sys.spec(&id, &guest.marker, timeout, guest.stop_at_ready)) {
+            Ok(t) if t.ok() => {
+                let timeline = phases::parse(&t.stderr);
+                if sys.kind == Kind::Ember && timeline.is_none() {
+                    res.failures.push("no --timings=json line on stderr".into());
+                } else {
+                    res.ready_ms.push(ms(t.ready.unwrap_or_default()));
+                    // A VMM we stopped has no exit time of its own.
+                    if !t.stopped {
+                        res.exit_ms.push(ms(t.exit));
+                    }
+                    res.rss_kib.push(t.max_rss_kib as f64);
+                    if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
+                        res.timelines.push(tl);
                     }
                 }
-                Ok(t) => {
-                    sys.cleanup(&id);
-                    res.failures.push(t.failure());
-                }
-                Err(e) => {
-                    sys.cleanup(&id);
-                    res.failures.push(e.to_string());
-                }
             }
-            done += 1;
+            Ok(t) => {
+                sys.cleanup(&id);
+                res.failures.push(t.failure());
+            }
+            Err(e) => {
+                sys.cleanup(&id);
+                res.failures.push(e.to_string());
+            }
         }
     }
 
@@ -650,7 +661,7 @@ fn describe_guest(mode: Mode, g: &Guest) -> String {
         Mode::Null | Mode::Banner | Mode::Restore => {
             format!("{} (no initramfs)", g.kernel.display())
         }
-        Mode::Linux => format!(
+        Mode::Linux | Mode::Exec => format!(
             "{} + {}",
             g.kernel.display(),
             g.initramfs
@@ -660,11 +671,20 @@ fn describe_guest(mode: Mode, g: &Guest) -> String {
     }
 }
 
+fn timeout_for(mode: Mode, args: &BenchArgs, kvm: KvmKind) -> Duration {
+    Duration::from_secs(args.timeout.unwrap_or(match (mode, kvm) {
+        (Mode::Null | Mode::Restore, _) => 30,
+        (Mode::Banner, _) => 60,
+        (Mode::Linux | Mode::Exec, KvmKind::Pvm) => 240,
+        (Mode::Linux | Mode::Exec, _) => 120,
+    }))
+}
+
 fn rounds_for(mode: Mode, args: &BenchArgs, kvm: KvmKind) -> Result<u32, BenchError> {
     let rounds = args.rounds.unwrap_or(match mode {
         Mode::Null | Mode::Restore => 20,
         Mode::Linux if kvm == KvmKind::Pvm => 3,
-        Mode::Linux | Mode::Banner => 10,
+        Mode::Linux | Mode::Banner | Mode::Exec => 10,
     });
     if rounds == 0 || rounds > 10_000 {
         return Err(BenchError::Input(format!(
@@ -736,6 +756,25 @@ fn restore_guest_names(list: &str) -> Result<Vec<RestoreGuestName>, BenchError> 
     Ok(out)
 }
 
+fn run_exec(
+    args: &BenchArgs,
+    inputs: &Inputs,
+    wanted: &[Kind],
+    kvm: KvmKind,
+) -> Result<exec::ExecResult, BenchError> {
+    let timeout = timeout_for(Mode::Exec, args, kvm);
+    exec::run(&exec::Params {
+        inputs,
+        kernel: args.kernel.as_deref(),
+        wanted,
+        rounds: rounds_for(Mode::Exec, args, kvm)?,
+        memory: &args.memory,
+        timeout,
+        kvm,
+        quiet: args.quiet,
+    })
+}
+
 fn run_restore(
     mut guest: restore::RestoreGuest,
     args: &BenchArgs,
@@ -800,7 +839,7 @@ fn memory_probe(
             g.marker = "echo: ready".into();
             (g, "echo: ready", &b"quit\n"[..])
         }
-        Mode::Banner | Mode::Restore => {
+        Mode::Banner | Mode::Restore | Mode::Exec => {
             return Err(format!("no memory probe in the {} mode", mode.name()))
         }
         Mode::Linux => {
@@ -817,6 +856,16 @@ fn memory_probe(
     let s = systems::candidate(sys.kind, &inputs.ember, &probe_guest, None)?;
     let spec = s.spec("probe", marker, timeout, false);
     memory::probe(&spec, memory::GuestRam::Anonymous(guest_bytes), quit, 3)
+}
+
+/// `(run number, round, system index)` for `rounds` rounds over `n` systems: every system once a
+/// round, each round's order rotated by one from the last, so that drift in the machine's speed
+/// falls on every system alike.
+pub(crate) fn rotation(rounds: u32, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..rounds as usize)
+        .flat_map(move |round| (0..n).map(move |k| (round, (k + round) % n)))
+        .enumerate()
+        .map(|(done, (round, i))| (done, round, i))
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -916,9 +965,32 @@ mod tests {
         let (m, notes) = modes(&args("restore"), KvmKind::Pvm).unwrap();
         assert_eq!(m, vec![Mode::Restore]);
         assert!(notes.is_empty(), "no Linux kernel is booted: no caveat");
+        let (m, notes) = modes(&args("exec"), KvmKind::Pvm).unwrap();
+        assert_eq!(m, vec![Mode::Exec]);
+        assert!(notes.is_empty(), "the exec report has its own note");
         let (m, _) = modes(&args("banner,null,banner"), KvmKind::Pvm).unwrap();
         assert_eq!(m, vec![Mode::Banner, Mode::Null]);
         assert!(modes(&args("xen"), KvmKind::Hardware).is_err());
+    }
+
+    #[test]
+    fn rounds_rotate_and_run_every_system_once_each() {
+        let order: Vec<_> = rotation(3, 3).collect();
+        assert_eq!(
+            order,
+            [
+                (0, 0, 0),
+                (1, 0, 1),
+                (2, 0, 2),
+                (3, 1, 1),
+                (4, 1, 2),
+                (5, 1, 0),
+                (6, 2, 2),
+                (7, 2, 0),
+                (8, 2, 1)
+            ]
+        );
+        assert_eq!(rotation(2, 0).count(), 0);
     }
 
     #[test]

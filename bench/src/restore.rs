@@ -30,7 +30,7 @@ use crate::memory::{self, GuestRam, VmmMemory};
 use crate::phases;
 use crate::systems::{self, Bundle, Guest, Kind, Skipped, System};
 use crate::trial::{self, Ending, Pipe, Spec, Trial};
-use crate::{ms, BenchError, Inputs, Progress, SystemResult};
+use crate::{ms, rotation, BenchError, Inputs, Progress, SystemResult};
 
 /// Row labels: the report, the JSON and the tests find the rows by them.
 pub const RESTORE: &str = "ember restore";
@@ -445,40 +445,35 @@ pub(crate) fn run(guest: &RestoreGuest, p: &Params<'_>) -> Result<RestoreResult,
         })
         .collect();
     let total = p.rounds as usize * plans.len();
-    let mut done = 0;
-    for round in 0..p.rounds as usize {
-        for k in 0..plans.len() {
-            let i = (k + round) % plans.len();
-            let plan = &plans[i];
-            progress.bar(
-                done,
-                total,
-                &format!("restore round {}/{}: {}", round + 1, p.rounds, plan.label),
-            );
-            let id = format!("{}-r{round}-{i}", std::process::id());
-            let row = &mut rows[i];
-            match run_once(plan, &ctx, &id).and_then(|o| good(plan, &o).map(|tl| (o, tl))) {
-                Ok((o, timeline)) => {
-                    let res = &mut row.result;
-                    res.ready_ms.push(ms(o.trial.ready.unwrap_or_default()));
-                    // Stopped at the line (SIGTERM), the exit is still Ember's own way out.
-                    res.exit_ms.push(ms(o.trial.exit));
-                    res.rss_kib.push(o.trial.max_rss_kib as f64);
-                    if let Some(tl) = timeline {
-                        res.timelines.push(tl);
-                    }
-                    if let Some(l) = o.load_ms {
-                        row.load_ms.push(l);
-                    }
+    for (done, round, i) in rotation(p.rounds, plans.len()) {
+        let plan = &plans[i];
+        progress.bar(
+            done,
+            total,
+            &format!("restore round {}/{}: {}", round + 1, p.rounds, plan.label),
+        );
+        let id = format!("{}-r{round}-{i}", std::process::id());
+        let row = &mut rows[i];
+        match run_once(plan, &ctx, &id).and_then(|o| good(plan, &o).map(|tl| (o, tl))) {
+            Ok((o, timeline)) => {
+                let res = &mut row.result;
+                res.ready_ms.push(ms(o.trial.ready.unwrap_or_default()));
+                // Stopped at the line (SIGTERM), the exit is still Ember's own way out.
+                res.exit_ms.push(ms(o.trial.exit));
+                res.rss_kib.push(o.trial.max_rss_kib as f64);
+                if let Some(tl) = timeline {
+                    res.timelines.push(tl);
                 }
-                Err(reason) => {
-                    if let Launch::Peer(s) = &plan.launch {
-                        s.cleanup(&id);
-                    }
-                    row.result.failures.push(reason);
+                if let Some(l) = o.load_ms {
+                    row.load_ms.push(l);
                 }
             }
-            done += 1;
+            Err(reason) => {
+                if let Launch::Peer(s) = &plan.launch {
+                    s.cleanup(&id);
+                }
+                row.result.failures.push(reason);
+            }
         }
     }
 

@@ -26,15 +26,31 @@ impl Summary {
         } else {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         };
-        let rank = (0.9 * n as f64).ceil() as usize;
         Some(Summary {
             n,
             min: v[0],
             median,
-            p90: v[rank.clamp(1, n) - 1],
+            p90: nearest_rank(&v, 0.9),
             max: v[n - 1],
         })
     }
+}
+
+/// The nearest-rank `q` quantile (0 < q <= 1) of a sample: the smallest value with at least
+/// that share of the sample at or below it, so always a value that was measured.
+pub fn percentile(sample: &[f64], q: f64) -> Option<f64> {
+    if sample.is_empty() {
+        return None;
+    }
+    let mut v = sample.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some(nearest_rank(&v, q))
+}
+
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let n = sorted.len();
+    let rank = (q * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
 }
 
 /// The index of the sample element closest to the median (the lower one on a tie): the run a
@@ -84,6 +100,14 @@ mod tests {
         let v: Vec<f64> = (1..=10).map(f64::from).collect();
         assert_eq!(Summary::of(&v).unwrap().p90, 9.0);
         assert_eq!(Summary::of(&[7.0]).unwrap().p90, 7.0);
+    }
+
+    #[test]
+    fn p75_is_nearest_rank_too() {
+        let v: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.75), Some(8.0));
+        assert_eq!(percentile(&[3.0, 1.0], 0.75), Some(3.0));
+        assert_eq!(percentile(&[], 0.75), None);
     }
 
     #[test]

@@ -96,6 +96,18 @@ pub struct System {
 }
 
 impl System {
+    /// A system run as `program argv...` (`{id}` in an argument becomes a name unique to each
+    /// run), with nothing to clean up after a failed run.
+    pub fn new(kind: Kind, program: PathBuf, argv: Vec<String>, note: Option<String>) -> System {
+        System {
+            kind,
+            program,
+            argv,
+            note,
+            cleanup: None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         self.kind.name()
     }
@@ -154,6 +166,12 @@ pub struct Bundle {
 
 impl Bundle {
     pub fn create(source: &Path, marker: &str) -> Result<Bundle, BenchError> {
+        let args = ["/bin/sh", "-c", "echo \"$1\"", "sh", marker].map(String::from);
+        Bundle::running(source, &args)
+    }
+
+    /// A bundle whose process is `args` (the first looked up on the container's PATH).
+    pub fn running(source: &Path, args: &[String]) -> Result<Bundle, BenchError> {
         if !source.join("bin/sh").exists() {
             return Err(BenchError::Input(format!(
                 "{} has no bin/sh: the containers run `/bin/sh -c 'echo MARKER'` in it",
@@ -183,7 +201,7 @@ impl Bundle {
             )));
         }
         let path = bundle.dir.join("config.json");
-        std::fs::write(&path, oci_config(marker).to_string())
+        std::fs::write(&path, oci_config(args).to_string())
             .map_err(|e| io_err(&path, "write", e))?;
         Ok(bundle)
     }
@@ -214,15 +232,15 @@ fn io_err(path: &Path, what: &'static str, source: io::Error) -> BenchError {
 /// /proc, /dev, /sys mounts, a default capability set, a read-only root), with no network
 /// namespace: neither side of the comparison gets networking, and creating an empty netns is
 /// work the microVM does not do either. The process prints the marker with the shell's
-/// builtin echo and exits.
-pub fn oci_config(marker: &str) -> serde_json::Value {
+/// builtin echo and exits (the other modes), or is the command the exec mode times.
+pub fn oci_config(args: &[String]) -> serde_json::Value {
     let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
     serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
             "user": { "uid": 0, "gid": 0 },
-            "args": ["/bin/sh", "-c", "echo \"$1\"", "sh", marker],
+            "args": args,
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": {
@@ -355,24 +373,7 @@ pub fn candidate(
                 cleanup: None,
             })
         }
-        Kind::Runc | Kind::Crun => {
-            let name = kind.name();
-            let program = which(name).ok_or_else(|| format!("{name} is not installed"))?;
-            let bundle = bundle.ok_or_else(no_bundle)?;
-            let cleanup = remove_container(&program, "delete");
-            Ok(System {
-                kind,
-                program,
-                argv: vec![
-                    "run".into(),
-                    "--bundle".into(),
-                    bundle.dir.display().to_string(),
-                    CONTAINER.into(),
-                ],
-                note: None,
-                cleanup: Some(cleanup),
-            })
-        }
+        Kind::Runc | Kind::Crun => oci_runtime(kind, bundle.ok_or_else(no_bundle)?),
         Kind::Podman => {
             let program = which("podman").ok_or("podman is not installed")?;
             let bundle = bundle.ok_or_else(no_bundle)?;
@@ -456,38 +457,14 @@ pub fn candidate(
             })
         }
         Kind::Qemu => {
-            let program = which("qemu-system-x86_64")
-                .ok_or("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")?;
+            let program = qemu_program()?;
             let q = guest.qemu.as_ref().map_err(|why| why.clone())?;
-            let mut argv: Vec<String> = [
-                "-M",
-                "microvm",
-                "-enable-kvm",
-                // Without -arch-capabilities QEMU 7.2 aborts on kvm_pvm hosts (MSR 0x10a); on
-                // hardware the flag only hides a feature the guest does not need.
-                "-cpu",
-                "host,-arch-capabilities",
-                "-m",
+            let argv = qemu_microvm_args(
                 &guest.memory,
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-                // A guest reset ends QEMU, as it ends Ember.
-                "-no-reboot",
-                "-kernel",
-                &q.kernel.display().to_string(),
-                "-append",
+                &q.kernel,
+                guest.initramfs.as_deref(),
                 &q.cmdline,
-            ]
-            .map(String::from)
-            .to_vec();
-            if let Some(i) = &guest.initramfs {
-                argv.extend(["-initrd".into(), i.display().to_string()]);
-            }
+            );
             Ok(System {
                 kind,
                 program,
@@ -497,6 +474,71 @@ pub fn candidate(
             })
         }
     }
+}
+
+pub fn qemu_program() -> Result<PathBuf, String> {
+    which("qemu-system-x86_64").ok_or_else(|| {
+        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into()
+    })
+}
+
+/// QEMU's microvm machine with one vCPU, `memory`, the serial console on stdio, and the kernel
+/// booted directly, as Ember boots it.
+pub fn qemu_microvm_args(
+    memory: &str,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+    cmdline: &str,
+) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        // Without -arch-capabilities QEMU 7.2 aborts on kvm_pvm hosts (MSR 0x10a); on
+        // hardware the flag only hides a feature the guest does not need.
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        memory,
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        // A guest reset ends QEMU, as it ends Ember.
+        "-no-reboot",
+        "-kernel",
+        &kernel.display().to_string(),
+        "-append",
+        cmdline,
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(i) = initramfs {
+        argv.extend(["-initrd".into(), i.display().to_string()]);
+    }
+    argv
+}
+
+/// `runc run` or `crun run` of `bundle`.
+pub fn oci_runtime(kind: Kind, bundle: &Bundle) -> Result<System, String> {
+    let name = kind.name();
+    let program = which(name).ok_or_else(|| format!("{name} is not installed"))?;
+    let cleanup = remove_container(&program, "delete");
+    Ok(System {
+        kind,
+        program,
+        argv: vec![
+            "run".into(),
+            "--bundle".into(),
+            bundle.dir.display().to_string(),
+            CONTAINER.into(),
+        ],
+        note: None,
+        cleanup: Some(cleanup),
+    })
 }
 
 fn docker_import(docker: &Path, rootfs: &Path, image: &str) -> Result<(), String> {
@@ -536,12 +578,19 @@ fn docker_import(docker: &Path, rootfs: &Path, image: &str) -> Result<(), String
 /// crun gets a second chance inside a private mount namespace without the cgroup2 hierarchy
 /// when its plain run fails on a hybrid cgroup layout.
 pub fn warm_up(system: System, guest: &Guest, timeout: Duration) -> Result<System, String> {
-    let first = attempt(&system, "warmup", guest, timeout);
-    match first {
+    warm_up_by(system, |s, id| attempt(s, id, guest, timeout))
+}
+
+/// `warm_up` with the caller's own run and judgement of it (`attempt(system, id)`).
+pub fn warm_up_by(
+    system: System,
+    attempt: impl Fn(&System, &str) -> Result<(), String>,
+) -> Result<System, String> {
+    match attempt(&system, "warmup") {
         Ok(()) => Ok(system),
         Err(why) if system.kind == Kind::Crun && why.contains("hybrid mode") => {
             let wrapped = crun_unshared(&system).ok_or_else(|| why.clone())?;
-            attempt(&wrapped, "warmup2", guest, timeout)
+            attempt(&wrapped, "warmup2")
                 .map(|()| wrapped)
                 .map_err(|e| format!("{why}; and under unshare: {e}"))
         }
@@ -608,7 +657,7 @@ mod tests {
 
     #[test]
     fn oci_config_prints_the_marker_without_a_network_namespace() {
-        let c = oci_config("say \"hi\"");
+        let c = oci_config(&["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""].map(String::from));
         assert_eq!(
             c["process"]["args"],
             serde_json::json!(["/bin/sh", "-c", "echo \"$1\"", "sh", "say \"hi\""])

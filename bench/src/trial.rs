@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    /// The ready line's text (a substring of stdout).
+    /// The ready line's text (a substring of stdout); empty: none is waited for (`ready` stays
+    /// None), for a command judged by its exit alone.
     pub marker: String,
     /// Kill the process group and give up after this long.
     pub timeout: Duration,
@@ -323,7 +324,10 @@ impl Watch<'_> {
     fn read_out(&mut self) {
         let before = self.out.buf.len();
         self.out.read_available();
-        if self.ready.is_none() && contains_from(&self.out.buf, self.marker, before) {
+        if self.ready.is_none()
+            && !self.marker.is_empty()
+            && contains_from(&self.out.buf, self.marker, before)
+        {
             self.ready = Some(self.t0.elapsed());
         }
     }
@@ -505,6 +509,14 @@ mod tests {
         assert_eq!(t.ready, None);
         assert_eq!(t.ending, Ending::Code(0));
         assert_eq!(t.failure(), "no ready line, exit status 0: sh: error: boom");
+    }
+
+    #[test]
+    fn an_empty_marker_waits_for_no_line() {
+        let t = run(&sh("echo anything", "", 10_000)).unwrap();
+        assert_eq!(t.ready, None);
+        assert_eq!(t.ending, Ending::Code(0));
+        assert_eq!(String::from_utf8_lossy(&t.stdout), "anything\n");
     }
 
     #[test]

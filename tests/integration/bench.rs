@@ -1,6 +1,7 @@
 //! `ember bench` end to end, small: the null-guest mode with Ember only (plus a peer that cannot
-//! run here), and the restore mode with crun where it is installed, checking what a user reads:
-//! the report, the JSON figures and the SVG chart.
+//! run here), the restore mode with crun where it is installed, and the exec mode with every
+//! system it has (one round), checking what a user reads: the report, the JSON figures and the
+//! SVG chart. Also the agent's console mode that the exec mode's rows run, under Ember.
 
 use std::time::Duration;
 
@@ -269,4 +270,145 @@ fn bench_restore_mode_reports_restore_rows_density_and_json() {
         assert!(restore.contains("\"label\":\"crun\""), "{restore}");
         assert!(!restore.contains("\"faster_than_crun\":null"), "{restore}");
     }
+}
+
+/// The agent's console mode (what the exec mode's Ember and QEMU rows boot): the command after
+/// `--` on the kernel command line runs from the root image (the initramfs has no shell), its
+/// output and the outcome line with its status reach the console, and the guest powers off. On
+/// kvm_pvm the kernel hands `noxsave` to init's arguments too: the command must not be those.
+#[test]
+fn the_console_agent_runs_the_command_line_and_reports_its_status() {
+    let kernel = common::microvm_kernel("vmlinux");
+    let _one = crate::kernels::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let agent = std::path::Path::new(common::ember()).with_file_name("ember-agent");
+    let cache = ember_vmm::exec_image::cache_dir();
+    let initramfs = ember_vmm::exec_image::agent_initramfs(&agent, &cache).unwrap();
+    let image =
+        ember_vmm::exec_image::rootfs_image(&common::kit_dir().join("rootfs"), &cache).unwrap();
+    let cmdline = format!(
+        "{} {} -- sh -c \"echo from-the-root $((6*7)); exit 3\"",
+        ember_vmm::exec::GUEST_CMDLINE,
+        ember_agent::CONSOLE_FLAG
+    );
+    let disk = format!("path={},overlay=tmp", image.display());
+    let run = run_ember(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+            "--disk",
+            &disk,
+            "--memory",
+            "128M",
+            "--cmdline",
+            &cmdline,
+        ],
+        b"",
+        Duration::from_secs(300),
+    );
+    // The guest powered off (status 0) after reporting the command's own status, 3.
+    let out = run.ok();
+    assert!(out.contains("from-the-root 42"), "{out}");
+    assert_eq!(
+        ember_agent::parse_outcome_line(out),
+        Some(ember_agent::Outcome::Exited(3)),
+        "{out}"
+    );
+}
+
+/// The exec mode, one round: `ember exec -- true`, Ember and QEMU with the console agent, and
+/// crun, each shown to have run with the right status in the report and the JSON (deps.sh
+/// installs QEMU and crun, so both are expected here). About six Linux boots.
+#[test]
+fn bench_exec_mode_runs_every_system_with_the_right_status() {
+    require_bench_binaries();
+    assert!(common::microvm_kernel("vmlinux").exists());
+    let _one = crate::kernels::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-exec-e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let _ = std::fs::remove_file(&json);
+    let run = run_ember(
+        &[
+            "bench",
+            "--guest",
+            "exec",
+            "--systems",
+            "ember,qemu,crun",
+            "--rounds",
+            "1",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(1500),
+    );
+    let out = run.ok();
+    assert!(
+        out.contains(
+            "== exec: `true` in a fresh machine, spawn -> exit with its status checked: 1 rounds"
+        ),
+        "{out}"
+    );
+    let labels = [
+        "ember exec",
+        "ember run, console agent",
+        "qemu, console agent",
+        "crun",
+    ];
+    for label in labels {
+        let row = out
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(label)?;
+                let mut w = rest.split_whitespace();
+                (rest.starts_with(' ') && w.next() == Some("1/1")).then(|| w.next())
+            })
+            .flatten()
+            .unwrap_or_else(|| panic!("no `{label}` row with 1/1 good runs:\n{out}"));
+        let min: f64 = row.parse().unwrap_or_else(|_| panic!("{label}: {row}"));
+        assert!(min > 0.0, "{label}: {min}");
+        assert!(
+            out.contains(&format!("  {label}: checked: exit status 0")),
+            "{out}"
+        );
+    }
+    assert!(!out.contains("not run:"), "{out}");
+    assert!(out.contains("ember exec - ember console agent: "), "{out}");
+    assert!(out.contains("qemu / ember, both console agent: "), "{out}");
+
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = j["exec"]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{j}"));
+    assert_eq!(rows.len(), labels.len(), "{j}");
+    for row in rows {
+        assert_eq!(row["good_runs"], 1, "{row}");
+        assert_eq!(row["runs"], 1, "{row}");
+        assert_eq!(row["exit_samples_ms"].as_array().unwrap().len(), 1, "{row}");
+        // The console rows saw the agent's outcome line, before their VMM exited.
+        let console = row["label"].as_str().unwrap().ends_with("console agent");
+        let lines = row["outcome_line_samples_ms"].as_array().unwrap();
+        assert_eq!(lines.len(), usize::from(console), "{row}");
+        if console {
+            assert!(
+                row["checked"].as_str().unwrap().contains("{\"Exited\":0}"),
+                "{row}"
+            );
+            assert!(
+                lines[0].as_f64().unwrap() < row["exit_samples_ms"][0].as_f64().unwrap(),
+                "{row}"
+            );
+        }
+    }
+    assert_eq!(j["exec"]["command"], serde_json::json!(["true"]));
+    assert!(j["exec"]["exec_minus_console_ms"].is_number(), "{j}");
 }

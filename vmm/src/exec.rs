@@ -55,6 +55,11 @@ pub enum ExecError {
     },
 }
 
+/// The guest's kernel command line (Ember adds its device and host words). `quiet`: on a host
+/// where the guest kernel is emulated, each console line costs.
+pub const GUEST_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off quiet ember.agent.root=/dev/vda";
+
 pub struct ExecOptions {
     pub kernel: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
@@ -143,8 +148,7 @@ pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
     let cfg = VmConfig {
         kernel,
         initramfs: Some(initramfs),
-        // `quiet`: on a host where the guest kernel is emulated, each console line costs.
-        cmdline: "console=ttyS0 reboot=k panic=1 pci=off quiet ember.agent.root=/dev/vda".into(),
+        cmdline: GUEST_CMDLINE.into(),
         cpus: opts.cpus,
         memory: opts.memory,
         serial: match &opts.console {
