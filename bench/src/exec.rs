@@ -280,11 +280,13 @@ fn qemu_console(p: &Params<'_>, f: &Files) -> Result<Plan, String> {
         &with_host_words(&console_cmdline()),
     );
     // snapshot=on: the guest's writes go to a temporary file QEMU deletes, the image is only
-    // read: QEMU's counterpart of `overlay=tmp`.
+    // read: QEMU's counterpart of `overlay=tmp`. file.locking=off: QEMU's image locks refuse
+    // an image any Ember holds at the time ("Failed to get \"consistent read\" lock"), as every
+    // `ember exec` of the same root does; an image only read needs no lock.
     argv.extend([
         "-drive".into(),
         format!(
-            "id=root,file={},format=raw,if=none,snapshot=on",
+            "id=root,file={},format=raw,if=none,snapshot=on,file.locking=off",
             f.image.display()
         ),
         "-device".into(),
