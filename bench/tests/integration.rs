@@ -48,7 +48,7 @@ mod bench_cli {
             (&["--systems", "lxc"][..], "unknown system `lxc`"),
             (
                 &["--guest", "xen"],
-                "`xen` is not null, linux, banner, restore or auto",
+                "`xen` is not null, linux, banner, restore, exec or auto",
             ),
             (
                 &["--guest", "restore", "--clones", "0"],
