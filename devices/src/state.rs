@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the state encoding: every `*State` struct's fields, in order. A snapshot
 /// records it, and a restore refuses any other version rather than misread the bytes.
-/// 2: `BlockState` has the disk's overlay.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// 2: `BlockState` has the disk's overlay. 3: `BlockState` has a captured tmp overlay, and
+/// virtio-vsock has a state (`VsockState`).
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 /// How every device saves and restores its state; one pattern for all of them.
 ///

@@ -85,6 +85,9 @@ pub trait VirtioDevice: Send {
             reason: "it has no saved form",
         })
     }
+    /// Where the snapshot about to be taken keeps files of the device's own, named
+    /// `<prefix>.<what>` (a copy of a disk's tmp overlay); asked before `save_device_state`.
+    fn snapshot_files(&self, _prefix: &std::path::Path) {}
     /// The queues as the device serves them now, in order: since activation their ring positions
     /// have moved on from the transport's copies. None before activation, or where the device
     /// cannot tell (then an active transport cannot be saved).

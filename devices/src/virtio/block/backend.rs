@@ -126,6 +126,9 @@ impl DiskImage {
             None => None,
             Some(OverlayConfig::File(ov)) => Some(Overlay::open(ov, &file, &path, size)?),
             Some(OverlayConfig::Tmp) => Some(Overlay::tmp(size)?),
+            Some(OverlayConfig::Captured(from)) => {
+                Some(Overlay::private_copy(from, &file, &path, size)?)
+            }
         };
         Ok(DiskImage {
             file,
@@ -139,6 +142,15 @@ impl DiskImage {
 
     pub fn overlay(&self) -> Option<&Overlay> {
         self.overlay.as_ref()
+    }
+
+    /// Writes the overlay's current content, as an overlay file over this disk's base, to a new
+    /// file at `to` (see `Overlay::capture`); nothing for a disk without an overlay.
+    pub fn capture_overlay(&self, to: &Path) -> Result<(), BlockError> {
+        match &self.overlay {
+            Some(o) => o.capture(&self.file, &self.path, to),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::mem::{offset_of, size_of, MaybeUninit};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -53,6 +53,8 @@ pub struct Block {
     server: Arc<BlockServer>,
     /// Config-space complaints (register side); requests log through the server's.
     log: GuestLog,
+    /// Where the snapshot being taken keeps a copy of a tmp overlay (`<prefix>.overlay`).
+    capture_to: Mutex<Option<PathBuf>>,
 }
 
 /// The request side: the image, and the queue once the driver has activated the device.
@@ -114,6 +116,7 @@ impl Block {
                 broken: AtomicBool::new(broken),
             }),
             log: GuestLog::new("virtio-blk"),
+            capture_to: Mutex::new(None),
         }
     }
 
@@ -121,26 +124,49 @@ impl Block {
     /// disk that holds every write it saw complete, flushed or not.
     fn state(&self) -> Result<BlockState, BlockStateError> {
         let disk = self.disk();
+        let mut captured = None;
         let overlay = match disk.overlay() {
             None => None,
-            Some(o) => {
-                let Some(path) = o.path() else {
-                    return Err(BlockStateError::TmpOverlay {
-                        path: disk.path().to_path_buf(),
-                    });
-                };
-                disk.flush().map_err(|source| BlockStateError::Persist {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                Some(path.to_path_buf())
-            }
+            Some(o) => match o.path() {
+                Some(path) => {
+                    disk.flush().map_err(|source| BlockStateError::Persist {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                    Some(path.to_path_buf())
+                }
+                // An overlay without a name goes into the snapshot: a copy of it, next to the
+                // state file.
+                None => {
+                    let taken = self
+                        .capture_to
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    let Some(prefix) = taken else {
+                        return Err(BlockStateError::TmpOverlay {
+                            path: disk.path().to_path_buf(),
+                        });
+                    };
+                    let mut to = prefix.into_os_string();
+                    to.push(".overlay");
+                    let to = PathBuf::from(to);
+                    disk.capture_overlay(&to)
+                        .map_err(|source| BlockStateError::Capture {
+                            path: to.clone(),
+                            source,
+                        })?;
+                    captured = Some(to.file_name().map(PathBuf::from).unwrap_or(to));
+                    None
+                }
+            },
         };
         Ok(BlockState {
             path: disk.path().to_path_buf(),
             readonly: disk.readonly(),
             id: self.id.clone(),
             overlay,
+            captured,
             sectors: disk.sectors(),
             features: self.features,
             config: self.config.clone(),
@@ -353,6 +379,10 @@ impl VirtioDevice for Block {
         self.server.clone()
     }
 
+    fn snapshot_files(&self, prefix: &Path) {
+        *self.capture_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(prefix.to_path_buf());
+    }
+
     fn save_device_state(&self) -> Result<Vec<u8>, StateError> {
         let state = self.state().map_err(|e| StateError::Failed {
             what: "virtio-blk",
@@ -378,9 +408,13 @@ pub struct BlockState {
     pub path: PathBuf,
     pub readonly: bool,
     pub id: Option<String>,
-    /// The overlay file of a copy-on-write disk (a tmp overlay cannot be saved).
+    /// The overlay file of a copy-on-write disk, reopened by a restore and written on.
     #[serde(with = "path_bytes::option")]
     pub overlay: Option<PathBuf>,
+    /// The copy of a tmp overlay captured into the snapshot, as a file name beside the state
+    /// file: a restore copies it into a tmp overlay of its own and never writes it.
+    #[serde(with = "path_bytes::option")]
+    pub captured: Option<PathBuf>,
     /// The image's size when saved: the guest's filesystem was laid out for it.
     pub sectors: u64,
     pub features: u64,
@@ -456,6 +490,8 @@ pub enum BlockStateError {
         path.display()
     )]
     OverlayMissing { path: PathBuf },
+    #[error("cannot capture the disk's tmp overlay into {}: {source}", path.display())]
+    Capture { path: PathBuf, source: BlockError },
 }
 
 impl Persist for Block {
@@ -478,11 +514,16 @@ impl Persist for Block {
                 return Err(BlockStateError::OverlayMissing { path: ov.clone() });
             }
         }
+        let overlay = match (&state.overlay, &state.captured) {
+            (Some(file), _) => Some(OverlayConfig::File(file.clone())),
+            (None, Some(captured)) => Some(OverlayConfig::Captured(captured.clone())),
+            (None, None) => None,
+        };
         let disk = DiskImage::open(&DiskConfig {
             path: state.path.clone(),
             readonly: state.readonly,
             id: state.id.clone(),
-            overlay: state.overlay.clone().map(OverlayConfig::File),
+            overlay,
         })?;
         let path = || state.path.clone();
         if disk.sectors() != state.sectors {

@@ -38,6 +38,9 @@ pub enum OverlayConfig {
     File(PathBuf),
     /// An unnamed file in `$TMPDIR`, gone when Ember is.
     Tmp,
+    /// An unnamed file in `$TMPDIR` that starts as a copy of this overlay file, which is only
+    /// read: how a VM restored from a snapshot gets its own copy of the overlay captured in it.
+    Captured(PathBuf),
 }
 
 #[cfg(test)]

@@ -112,6 +112,14 @@ impl Geometry {
         (g.file_len()? <= i64::MAX as u64).then_some(g)
     }
 
+    /// As `for_disk`, or the error naming `path` (the overlay, or where it would be).
+    fn checked(disk_size: u64, path: &Path) -> Result<Self, BlockError> {
+        Self::for_disk(disk_size).ok_or_else(|| BlockError::OverlayTooLarge {
+            path: path.to_path_buf(),
+            size: disk_size,
+        })
+    }
+
     fn file_len(&self) -> Option<u64> {
         self.data_offset.checked_add(self.disk_size)
     }
@@ -387,11 +395,7 @@ impl Overlay {
         base_path: &Path,
         disk_size: u64,
     ) -> Result<Self, BlockError> {
-        let geometry =
-            Geometry::for_disk(disk_size).ok_or_else(|| BlockError::OverlayTooLarge {
-                path: path.to_path_buf(),
-                size: disk_size,
-            })?;
+        let geometry = Geometry::checked(disk_size, path)?;
         let open_err = |source| BlockError::OverlayOpen {
             path: path.to_path_buf(),
             source,
@@ -472,11 +476,7 @@ impl Overlay {
             dir: dir.clone(),
             source,
         };
-        let geometry =
-            Geometry::for_disk(disk_size).ok_or_else(|| BlockError::OverlayTooLarge {
-                path: dir.clone(),
-                size: disk_size,
-            })?;
+        let geometry = Geometry::checked(disk_size, &dir)?;
         // O_EXCL: it can never be given a name (linkat) either.
         let file = match OpenOptions::new()
             .read(true)
@@ -675,6 +675,189 @@ impl Overlay {
         }
         self.file.sync_data()
     }
+}
+
+impl Overlay {
+    /// Writes what the guest sees of this overlay now into a new overlay file at `to` (which
+    /// must not exist): a header over `base`, the allocation map, and the written blocks only,
+    /// so the copy is as sparse as the guest's writes. Holds the overlay's lock throughout: no
+    /// write lands half in the copy. A tmp overlay is captured the same way, which is how a
+    /// snapshot keeps the disk of a VM whose overlay has no name.
+    pub(super) fn capture(
+        &self,
+        base: &File,
+        base_path: &Path,
+        to: &Path,
+    ) -> Result<(), BlockError> {
+        let g = self.geometry;
+        let m = self.lock();
+        let io_err = |what: &'static str| {
+            let path = to.to_path_buf();
+            move |source| BlockError::OverlayIo { path, what, source }
+        };
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(to)
+            .map_err(|source| BlockError::OverlayOpen {
+                path: to.to_path_buf(),
+                source,
+            })?;
+        let written = (|| {
+            let header = Header {
+                geometry: g,
+                fingerprint: fingerprint(base, base_path, g.disk_size)?,
+                base_path: std::path::absolute(base_path)
+                    .unwrap_or_else(|_| base_path.to_path_buf())
+                    .into_os_string()
+                    .into_vec(),
+            };
+            out.write_all_at(&header.encode(), 0)
+                .map_err(io_err("write its header"))?;
+            out.set_len(g.file_len().unwrap_or(0))
+                .map_err(io_err("size it"))?;
+            for page in 0..m.map.pages.len() {
+                if m.map.pages[page].is_some() {
+                    out.write_all_at(
+                        &m.map.page_bytes(page),
+                        HEADER_LEN + (page * MAP_PAGE) as u64,
+                    )
+                    .map_err(io_err("write its allocation map"))?;
+                }
+            }
+            copy_data(
+                &self.file,
+                self.data_offset,
+                g.disk_size,
+                &out,
+                g.data_offset,
+            )
+            .map_err(io_err("copy the written blocks"))?;
+            out.sync_all().map_err(io_err("sync it"))
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(to);
+        }
+        written
+    }
+
+    /// A private overlay that starts as the captured overlay `from` (see [`Overlay::capture`]):
+    /// an unnamed file in `$TMPDIR` holding a sparse copy of it, checked against `base` like any
+    /// overlay file. `from` is only read, so any number of VMs start from one capture and none
+    /// sees another's writes.
+    pub(super) fn private_copy(
+        from: &Path,
+        base: &File,
+        base_path: &Path,
+        disk_size: u64,
+    ) -> Result<Self, BlockError> {
+        let geometry = Geometry::checked(disk_size, from)?;
+        let src = File::open(from).map_err(|source| BlockError::OverlayOpen {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        let io_err = |what: &'static str| {
+            let path = from.to_path_buf();
+            move |source| BlockError::OverlayIo { path, what, source }
+        };
+        let len = src.metadata().map_err(io_err("find its size"))?.len();
+        check_existing(&src, from, len, base, base_path, geometry)?;
+        let tmp = Self::tmp(disk_size)?;
+        let file = tmp.file;
+        file.set_len(len).map_err(io_err("size its copy"))?;
+        copy_data(&src, 0, len, &file, 0).map_err(io_err("copy it"))?;
+        let mut map = AllocationMap::new(geometry.blocks);
+        load_map(&file, from, &geometry, &mut map)?;
+        Ok(Overlay {
+            file,
+            path: None,
+            geometry,
+            data_offset: geometry.data_offset,
+            mutable: Mutex::new(Mutable {
+                map,
+                block: vec![0; OVERLAY_BLOCK as usize],
+            }),
+        })
+    }
+}
+
+/// Copies the data of `src` in `from..from + len` to `dst` at `to..`, skipping holes
+/// (SEEK_DATA/SEEK_HOLE), with copy_file_range (which may share the blocks, on file systems
+/// that can) and plain reads and writes where that is not possible.
+fn copy_data(src: &File, from: u64, len: u64, dst: &File, to: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let end = from.saturating_add(len);
+    let seek = |off: u64, whence| {
+        // SAFETY: lseek on a descriptor this function borrows.
+        let r = unsafe { libc::lseek(src.as_raw_fd(), off as libc::off_t, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data past `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(end)
+            } else {
+                Err(e)
+            };
+        }
+        Ok((r as u64).min(end))
+    };
+    let mut at = from;
+    while at < end {
+        let data = seek(at, libc::SEEK_DATA)?;
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.max(data);
+        copy_range(src, data, dst, to + (data - from), hole - data)?;
+        at = hole;
+    }
+    Ok(())
+}
+
+fn copy_range(
+    src: &File,
+    mut off_in: u64,
+    dst: &File,
+    mut off_out: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while len > 0 {
+        let (mut i, mut o) = (off_in as libc::loff_t, off_out as libc::loff_t);
+        // SAFETY: both descriptors are borrowed for the call; the offsets are locals.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut i,
+                dst.as_raw_fd(),
+                &mut o,
+                len as usize,
+                0,
+            )
+        };
+        if n > 0 {
+            let n = n as u64;
+            (off_in, off_out, len) = (off_in + n, off_out + n, len - n);
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match (n, e.raw_os_error()) {
+            (0, _) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            (_, Some(libc::EINTR)) => continue,
+            // Across file systems on old kernels, or a kernel or file system without it.
+            (_, Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) => break,
+            _ => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; (len.min(1 << 20)) as usize];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off_in)?;
+        dst.write_all_at(&buf[..n], off_out)?;
+        (off_in, off_out, len) = (off_in + n as u64, off_out + n as u64, len - n as u64);
+    }
+    Ok(())
 }
 
 /// A new file in `dir`, already unlinked.

@@ -1360,6 +1360,75 @@ mod overlay {
         assert_eq!(read_disk(&mut d), before);
     }
 
+    /// A snapshot of a disk with a tmp overlay captures it: a sparse overlay file beside the
+    /// state, named in the state. Every disk restored from it starts with the guest's writes in
+    /// a tmp overlay of its own: two at once never see each other's writes, and neither the
+    /// capture nor the base is written.
+    #[test]
+    fn a_tmp_overlay_is_captured_and_each_restore_gets_its_own_copy() {
+        use std::os::unix::fs::MetadataExt;
+        let s = Scratch::new("capture");
+        let base = s.base("base.img", 7);
+        let before = std::fs::read(&base).unwrap();
+        let mut d = Driver::over(&base, OverlayConfig::Tmp);
+        let data = pattern(4096, 11);
+        assert_eq!(write(&mut d, 40, &data), OK);
+        let mut model = before.clone();
+        put(&mut model, 40, &data);
+        let prefix = s.path("vm.state.disk0");
+        d.block.snapshot_files(&prefix);
+        let state = d.block.save().unwrap();
+        assert_eq!(state.overlay, None);
+        assert_eq!(
+            state.captured.as_deref(),
+            Some(Path::new("vm.state.disk0.overlay"))
+        );
+        let captured = s.path("vm.state.disk0.overlay");
+        let snap = std::fs::read(&captured).unwrap();
+        assert_eq!(&snap[..8], b"EMBEROVL");
+        assert!(
+            std::fs::metadata(&captured).unwrap().blocks() * 512 < 64 << 10,
+            "the capture holds the written blocks only"
+        );
+        // Asked again without a place for the copy: refused, not half saved.
+        assert!(matches!(
+            d.block.save().err().unwrap(),
+            BlockStateError::TmpOverlay { .. }
+        ));
+        // Never over an existing file.
+        d.block.snapshot_files(&prefix);
+        assert!(matches!(
+            d.block.save().err().unwrap(),
+            BlockStateError::Capture { .. }
+        ));
+        // The guest goes on writing after the snapshot: not in the capture.
+        assert_eq!(write(&mut d, 20, &pattern(512, 12)), OK);
+        drop(d);
+
+        let mut a = Driver::over(&base, OverlayConfig::Captured(captured.clone()));
+        let mut b = Driver::over(&base, OverlayConfig::Captured(captured.clone()));
+        assert_eq!(a.block.disk().overlay().unwrap().path(), None);
+        assert_eq!(read_disk(&mut a), model);
+        let ours = pattern(1024, 13);
+        assert_eq!(write(&mut a, 2, &ours), OK);
+        assert_eq!(read_disk(&mut b), model, "b sees a's write");
+        let mut mine = model.clone();
+        put(&mut mine, 2, &ours);
+        assert_eq!(read_disk(&mut a), mine);
+        drop((a, b));
+        assert_eq!(std::fs::read(&captured).unwrap(), snap);
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+        // Restored through the state, as a snapshot's disk is.
+        let mut restored = state.clone();
+        restored.captured = Some(captured.clone());
+        let block = Block::restore((), &restored).unwrap();
+        assert_eq!(block.disk().overlay().unwrap().allocated_blocks(), 1);
+        // Over another base: the capture's header says so.
+        let other = s.base("other.img", 8);
+        let err = open_err(&other, OverlayConfig::Captured(captured), false).to_string();
+        assert!(err.contains("other bytes"), "{err}");
+    }
+
     #[test]
     fn discard_and_write_zeroes_hide_the_base_for_good() {
         let s = Scratch::new("zero");

@@ -19,14 +19,19 @@ use vm_memory::GuestMemoryMmap;
 
 use super::muxer::{Active, Muxer};
 use super::{VsockConfig, MAX_GUEST_CID, MAX_UDS_PATH, MIN_GUEST_CID};
-use crate::state::StateError;
+use crate::state::{to_bytes, Persist, StateError};
 use crate::virtio::{ActivateError, GuestLog, Interrupt, QueueServer, VirtioDevice};
+use serde::{Deserialize, Serialize};
+use std::os::unix::ffi::OsStrExt;
+use virtio_queue::QueueState;
 
 /// rx, tx and event queues, each this large at most.
 pub const QUEUE_SIZE: u16 = 256;
 /// VIRTIO_VSOCK_F_STREAM (virtio 1.2): stream sockets, the only kind the device has. A driver
 /// that does not know the bit (Linux 6.1) assumes streams without it.
 const VIRTIO_VSOCK_F_STREAM: u32 = 0;
+const OFFERED_FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_STREAM);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -79,11 +84,14 @@ impl Drop for ListenerFile {
 
 pub struct Vsock {
     cid: u64,
+    uds: PathBuf,
     features: u64,
     queue_sizes: [u16; 3],
     server: Arc<VsockServer>,
     epoll_fd: RawFd,
     log: GuestLog,
+    /// A restored device's socket file, until the VMM takes it.
+    restored_file: Option<ListenerFile>,
 }
 
 /// The device's serving side, shared by the queue handler and the host sockets' events.
@@ -171,6 +179,13 @@ impl Vsock {
     /// Listens on `config.uds` (which must not exist) for host clients. The returned file guard
     /// removes the socket file when dropped.
     pub fn new(config: &VsockConfig) -> Result<(Vsock, ListenerFile), VsockError> {
+        Self::with_features(config, OFFERED_FEATURES)
+    }
+
+    fn with_features(
+        config: &VsockConfig,
+        features: u64,
+    ) -> Result<(Vsock, ListenerFile), VsockError> {
         if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&config.cid) {
             return Err(VsockError::Cid(config.cid));
         }
@@ -205,9 +220,8 @@ impl Vsock {
         let epoll_fd = muxer.epoll_fd();
         let vsock = Vsock {
             cid: config.cid,
-            features: (1 << VIRTIO_F_VERSION_1)
-                | (1 << VIRTIO_RING_F_EVENT_IDX)
-                | (1 << VIRTIO_VSOCK_F_STREAM),
+            uds: path.clone(),
+            features,
             queue_sizes: [QUEUE_SIZE; 3],
             server: Arc::new(VsockServer {
                 muxer: Mutex::new(muxer),
@@ -216,6 +230,7 @@ impl Vsock {
             }),
             epoll_fd,
             log: GuestLog::new("virtio-vsock"),
+            restored_file: None,
         };
         Ok((vsock, file))
     }
@@ -282,7 +297,7 @@ impl VirtioDevice for Vsock {
             mem,
             rx,
             tx,
-            _event: event,
+            event,
             interrupt,
         });
         Ok(())
@@ -313,9 +328,91 @@ impl VirtioDevice for Vsock {
     }
 
     fn save_device_state(&self) -> Result<Vec<u8>, StateError> {
-        Err(StateError::Unsupported {
-            what: "virtio-vsock",
-            reason: "its connections live in host sockets, which a snapshot cannot hold",
-        })
+        to_bytes(&self.save_state())
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.server.lock().queue_states()
+    }
+}
+
+impl Vsock {
+    fn save_state(&self) -> VsockState {
+        VsockState {
+            cid: self.cid,
+            uds: self.uds.as_os_str().as_bytes().to_vec(),
+            features: self.features,
+            next_port: self.server.lock().next_port(),
+            broken: self.server.needs_reset(),
+        }
+    }
+
+    /// The socket file guard of a restored device (see [`Persist::restore`]).
+    pub fn take_listener_file(&mut self) -> Option<ListenerFile> {
+        self.restored_file.take()
+    }
+
+    /// Whether the TRANSPORT_RESET event owed after a restore is still waiting for an event
+    /// buffer from the driver.
+    pub fn reset_event_pending(&self) -> bool {
+        self.server.lock().reset_event_pending()
+    }
+}
+
+/// What the guest sees of the device: its CID, the features it was offered, whether the driver
+/// broke a queue; and the host side's listening path and next port. Connections are not here:
+/// their other ends are host sockets, which end with the Ember that had them. A restored device
+/// has none, and tells the driver so with a TRANSPORT_RESET event (virtio 1.2 section 5.10.6.7).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub cid: u64,
+    /// The Unix socket path it listened on, as bytes (a Linux path need not be UTF-8).
+    pub uds: Vec<u8>,
+    pub features: u64,
+    pub next_port: u32,
+    pub broken: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockStateError {
+    #[error(transparent)]
+    Listen(#[from] VsockError),
+    #[error("saved features {saved:#x} are not all offered by this Ember ({offered:#x})")]
+    Features { saved: u64, offered: u64 },
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    /// Where to listen instead of the saved path: each VM restored from one snapshot needs a
+    /// socket of its own.
+    type Args = Option<PathBuf>;
+    type Error = VsockStateError;
+
+    fn save(&self) -> Result<VsockState, VsockStateError> {
+        Ok(self.save_state())
+    }
+
+    /// The new socket file's guard is kept in the device; the VMM takes it with
+    /// [`Vsock::take_listener_file`] to remove the file at exit.
+    fn restore(uds: Option<PathBuf>, state: &VsockState) -> Result<Self, VsockStateError> {
+        if state.features & !OFFERED_FEATURES != 0 {
+            return Err(VsockStateError::Features {
+                saved: state.features,
+                offered: OFFERED_FEATURES,
+            });
+        }
+        let uds = uds.unwrap_or_else(|| std::ffi::OsStr::from_bytes(&state.uds).into());
+        let (vsock, file) = Self::with_features(
+            &VsockConfig {
+                cid: state.cid,
+                uds,
+            },
+            state.features,
+        )?;
+        let mut vsock = vsock;
+        vsock.server.lock().restored(state.next_port);
+        vsock.server.broken.store(state.broken, Ordering::SeqCst);
+        vsock.restored_file = Some(file);
+        Ok(vsock)
     }
 }

@@ -21,7 +21,8 @@ pub mod packet;
 use std::path::PathBuf;
 
 pub use conn::BUF_ALLOC;
-pub use device::{ListenerFile, Vsock, VsockError, QUEUE_SIZE};
+pub use device::{ListenerFile, Vsock, VsockError, VsockState, VsockStateError, QUEUE_SIZE};
+pub use muxer::VIRTIO_VSOCK_EVENT_TRANSPORT_RESET;
 pub use muxer::{MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_RESETS};
 
 /// CIDs 0-2 are reserved (hypervisor, local, host) and the upper 32 bits of the config field

@@ -44,6 +44,9 @@ const CONNECT_LINE_MAX: usize = 24;
 /// guests use for their own ports, and reported to the client in `OK <port>`.
 const HOST_PORT_FIRST: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = 0;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 section 5.10.6.7; Linux's
+/// include/uapi/linux/virtio_vsock.h), which virtio-bindings does not have.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Transmit chains per turn: the queue handler lets go of the device between turns.
 const TX_PER_TURN: usize = if cfg!(test) { 4 } else { 64 };
 /// Host sockets served per wake-up, and new clients accepted per listener event.
@@ -55,15 +58,19 @@ pub struct Active {
     pub mem: GuestMemoryMmap,
     pub rx: Queue,
     pub tx: Queue,
-    /// Never written: the device has no event to report (TRANSPORT_RESET follows a restore,
-    /// which a vsock device does not have).
-    pub _event: Queue,
+    /// Written once per restore: the TRANSPORT_RESET event (see `Muxer::transport_reset`).
+    pub event: Queue,
     pub interrupt: Arc<Interrupt>,
 }
 
 pub struct Muxer {
     pub active: Option<Active>,
     table: Table,
+    /// A TRANSPORT_RESET event is owed to the driver: the device was restored from a snapshot,
+    /// and the connections the guest had then lived in host sockets of another Ember (virtio
+    /// 1.2 section 5.10.6.7: the driver then drops its connected sockets and keeps its
+    /// listening ones). Sent with the first event buffer the driver makes available.
+    transport_reset: bool,
     /// The chain being read, kept to spare an allocation per packet.
     descs: Vec<Descriptor>,
 }
@@ -131,7 +138,26 @@ impl Muxer {
                 host_log: GuestLog::new("virtio-vsock (host sockets)"),
             },
             descs: Vec::with_capacity(8),
+            transport_reset: false,
         })
+    }
+
+    /// The port the next host client's connection gets: a restored device goes on from the
+    /// saved one, so a new connection never has the 4-tuple of one the guest still winds down.
+    pub fn next_port(&self) -> u32 {
+        self.table.next_port
+    }
+
+    /// For a device rebuilt from a snapshot: its ports go on from `next_port`, and the driver is
+    /// owed a TRANSPORT_RESET event.
+    pub fn restored(&mut self, next_port: u32) {
+        self.table.next_port = next_port.max(HOST_PORT_FIRST);
+        self.transport_reset = true;
+    }
+
+    /// Whether the TRANSPORT_RESET event is still waiting for an event buffer.
+    pub fn reset_event_pending(&self) -> bool {
+        self.transport_reset
     }
 
     /// The host sockets' epoll set, for the I/O thread's event loop to watch.
@@ -148,6 +174,8 @@ impl Muxer {
     /// the listener stays.
     pub fn reset(&mut self) {
         self.active = None;
+        // A driver that resets the device starts with no connections anyway.
+        self.transport_reset = false;
         self.table.conns.clear();
         self.table.resets.clear();
         self.table.resume_listener(true);
@@ -167,9 +195,10 @@ impl Muxer {
     pub fn serve_queue(&mut self, index: usize) -> Result<bool, virtio_queue::Error> {
         let more = match index {
             1 => self.process_tx()?,
-            // New receive buffers; the event queue's buffers are kept for events never sent.
+            // New receive or event buffers.
             _ => false,
         };
+        self.pump_event()?;
         self.pump_rx()?;
         self.table.resume_listener(true);
         Ok(more)
@@ -200,11 +229,62 @@ impl Muxer {
         Ok(())
     }
 
+    /// Sends the TRANSPORT_RESET event if one is owed and the driver has an event buffer.
+    fn pump_event(&mut self) -> Result<(), virtio_queue::Error> {
+        if !self.transport_reset {
+            return Ok(());
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let (mem, event) = (&active.mem, &mut active.event);
+        let Some(chain) = event.iter(mem)?.next() else {
+            // None yet: the driver's next buffer notifies the queue, and this runs again.
+            return Ok(());
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event is one le32, the event's id; the spec gives the driver's
+        // buffer as one device-writable descriptor of that size.
+        let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let mut written = 0;
+        for desc in chain {
+            if desc.is_write_only() && desc.len() as usize >= id.len() {
+                match vm_memory::Bytes::write_slice(mem, &id, desc.addr()) {
+                    Ok(()) => written = id.len() as u32,
+                    Err(e) => self
+                        .table
+                        .log
+                        .warn(format_args!("event buffer outside guest memory: {e}")),
+                }
+                break;
+            }
+        }
+        if written == 0 {
+            self.table.log.warn(format_args!(
+                "event buffer {head} has no writable descriptor of 4 bytes; returned empty"
+            ));
+        }
+        event.add_used(mem, head, written)?;
+        // Sent (or the driver's buffer was unusable, which it would be for every event): once.
+        self.transport_reset = false;
+        if crate::virtio::needs_interrupt(event, mem)? {
+            active.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+        }
+        Ok(())
+    }
+
+    /// The queues' positions as the device serves them, for a snapshot.
+    pub fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        let a = self.active.as_ref()?;
+        Some(vec![a.rx.state(), a.tx.state(), a.event.state()])
+    }
+
     fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
         let Muxer {
             active,
             table,
             descs,
+            ..
         } = self;
         let Some(active) = active.as_mut() else {
             return Ok(false);
@@ -261,6 +341,7 @@ impl Muxer {
             active,
             table,
             descs,
+            ..
         } = self;
         let Some(active) = active.as_mut() else {
             return Ok(());

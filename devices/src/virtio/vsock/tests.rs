@@ -19,6 +19,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::packet::*;
 use super::*;
+use crate::state::Persist;
 use crate::virtio::{Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
 
 const CID: u64 = 3;
@@ -55,6 +56,7 @@ impl Drop for TestDir {
 }
 
 /// One split queue's rings, as a driver keeps them.
+#[derive(Clone)]
 struct Ring {
     desc: u64,
     avail: u64,
@@ -131,6 +133,7 @@ struct Driver {
     interrupt: Arc<Interrupt>,
     rx: Ring,
     tx: Ring,
+    ev: Ring,
     /// Receive chains made available and not yet used.
     rx_posted: usize,
     /// Receive buffers as one descriptor (Linux 6.3 on) rather than header and data apart.
@@ -152,7 +155,7 @@ impl Driver {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (rx, rxq) = Ring::new(&mem, 0x1000);
         let (tx, txq) = Ring::new(&mem, 0x2000);
-        let (_ev, evq) = Ring::new(&mem, 0x3000);
+        let (ev, evq) = Ring::new(&mem, 0x3000);
         let interrupt = Arc::new(Interrupt::new().unwrap());
         dev.activate(
             mem.clone(),
@@ -170,6 +173,7 @@ impl Driver {
             interrupt,
             rx,
             tx,
+            ev,
             rx_posted: 0,
             rx_one_desc: false,
             buf_alloc: 256 << 10,
@@ -392,7 +396,134 @@ fn identifies_as_a_socket_device_with_the_guest_cid() {
     let mut far = [0xffu8; 4];
     d.dev.read_config(0x100, &mut far);
     assert_eq!(far, [0; 4]);
-    assert!(d.dev.save_device_state().is_err());
+}
+
+impl Driver {
+    /// The same guest (its memory and rings) over a device restored from `state` and `queues`
+    /// in a new Ember, listening on a path of its own.
+    fn restored(&self, state: &VsockState, queues: &[virtio_queue::QueueState]) -> Driver {
+        let dir = TestDir::new();
+        let uds = dir.0.join("clone.sock");
+        let mut dev = Vsock::restore(Some(uds.clone()), state).unwrap();
+        let file = dev.take_listener_file();
+        assert!(file.is_some());
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+        let queues = queues
+            .iter()
+            .map(|q| Queue::try_from(*q).unwrap())
+            .collect();
+        dev.activate(
+            self.mem.clone(),
+            queues,
+            interrupt.clone(),
+            1 << VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        Driver {
+            mem: self.mem.clone(),
+            dev,
+            file,
+            dir,
+            uds,
+            interrupt,
+            rx: self.rx.clone(),
+            tx: self.tx.clone(),
+            ev: self.ev.clone(),
+            rx_posted: self.rx_posted,
+            rx_one_desc: self.rx_one_desc,
+            buf_alloc: self.buf_alloc,
+            fwd_cnt: self.fwd_cnt,
+        }
+    }
+}
+
+/// Saved with a connection open, restored in a "new Ember" on another path: the CID, features
+/// and queue positions are the saved ones, the driver gets one TRANSPORT_RESET event (and only
+/// one) in its event buffer with an interrupt, the old connection is gone, and a new host client
+/// connects on the new path from a port the guest has not seen yet.
+#[test]
+fn a_restored_device_keeps_its_state_resets_the_transport_and_listens_on_a_new_path() {
+    use crate::state::from_bytes;
+    let mut d = Driver::new();
+    let (_client, local) = d.connect_from_host(52);
+    let bytes = d.dev.save_device_state().unwrap();
+    let state: VsockState = from_bytes(&bytes).unwrap();
+    assert_eq!(state, d.dev.save().unwrap());
+    assert_eq!((state.cid, state.broken), (CID, false));
+    assert_eq!(state.uds, d.uds.as_os_str().as_encoded_bytes());
+    for len in 0..bytes.len() {
+        assert!(
+            from_bytes::<VsockState>(&bytes[..len]).is_err(),
+            "{len} bytes"
+        );
+    }
+    let queues = d.dev.queue_states().unwrap();
+    assert_eq!(queues.len(), 3);
+    assert!(
+        !d.dev.reset_event_pending(),
+        "a device that was never restored owes nothing"
+    );
+
+    // The saved path is the first Ember's, still listening: refused, as `--vsock` refuses it.
+    let err = Vsock::restore(None, &state).err().unwrap();
+    assert!(err.to_string().contains("the path exists already"), "{err}");
+    let foreign = VsockState {
+        features: state.features | 1 << 40,
+        ..state.clone()
+    };
+    assert!(Vsock::restore(Some(d.dir.0.join("x")), &foreign)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("not all offered"));
+
+    let mut r = d.restored(&state, &queues);
+    let again = r.dev.save().unwrap();
+    assert_eq!(
+        again,
+        VsockState {
+            uds: r.uds.as_os_str().as_encoded_bytes().to_vec(),
+            ..state.clone()
+        }
+    );
+    assert_eq!(r.dev.queue_states().unwrap(), queues);
+    let mut cid = [0u8; 8];
+    r.dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), CID);
+    assert!(r.dev.reset_event_pending());
+    // The event waits for a buffer; the driver's buffer notifies the event queue.
+    r.dev.process_queue(2);
+    assert_eq!(r.ev.pop_used(&r.mem), None);
+    let evbuf = 0x3_8000u64;
+    r.mem
+        .write_slice(&[0xffu8; 8], GuestAddress(evbuf))
+        .unwrap();
+    let head = r.ev.push(&r.mem, &[(evbuf, 8, W)]);
+    r.interrupt.ack(u32::MAX);
+    r.dev.process_queue(2);
+    assert_eq!(r.ev.pop_used(&r.mem), Some((head, 4)));
+    let id: u32 = r.mem.read_obj(GuestAddress(evbuf)).unwrap();
+    assert_eq!(u32::from_le(id), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert_ne!(r.interrupt.status() & VIRTIO_MMIO_INT_VRING, 0);
+    assert!(!r.dev.reset_event_pending());
+    // Once: the next event buffer stays the driver's.
+    r.ev.push(&r.mem, &[(evbuf, 8, W)]);
+    r.dev.process_queue(2);
+    assert_eq!(r.ev.pop_used(&r.mem), None);
+    // The connection the guest had is not the new device's: its packets get RST.
+    assert_eq!(r.dev.usage().0, 0);
+    r.rw(52, local, b"to nobody");
+    r.expect_one(OP_RST);
+    // A host client on the new path reaches the guest, from a port after the saved ones.
+    let (_c, port) = r.connect_from_host(52);
+    assert!(port > local, "{port} after {local}");
+    assert!(r.uds.exists() && d.uds.exists());
+    let clone_path = r.uds.clone();
+    drop(r);
+    assert!(
+        !clone_path.exists(),
+        "the restored device's socket file goes with it"
+    );
 }
 
 #[test]
