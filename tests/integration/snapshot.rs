@@ -609,10 +609,10 @@ fn a_second_clone_of_a_snapshot_with_a_read_write_disk_is_refused_with_the_lock_
 }
 
 /// A copy-on-write disk is saved with its overlay's path: the restored clone reopens (and locks)
-/// that overlay over the same base, a missing overlay is refused rather than made anew, and a VM
-/// whose overlay is tmp cannot be snapshotted at all.
+/// that overlay over the same base, and a missing overlay is refused rather than made anew. A tmp
+/// overlay is captured into the snapshot, and clones restore over copies of their own.
 #[test]
-fn a_copy_on_write_disk_snapshots_with_its_overlay_and_a_tmp_one_is_refused() {
+fn a_copy_on_write_disk_snapshots_with_its_overlay_and_a_tmp_one_is_captured() {
     let dir = scratch("overlay");
     let base = dir.join("base.img");
     std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
@@ -636,41 +636,28 @@ fn a_copy_on_write_disk_snapshots_with_its_overlay_and_a_tmp_one_is_refused() {
     );
     assert_eq!(std::fs::read(&base).unwrap(), vec![0x5a; 1 << 20]);
 
-    // overlay=tmp: the snapshot is refused, and says what to do instead.
-    let sock = dir.join("tmp.sock");
-    let guest = common::guest("counter");
+    // overlay=tmp: the snapshot captures the overlay beside its state file, and each clone
+    // restores over a tmp copy of its own: two at once, neither locked out, the capture and the
+    // base never written.
+    let tmp_dir = dir.join("tmp");
+    std::fs::create_dir_all(&tmp_dir).unwrap();
     let tmp_disk = format!("path={},overlay=tmp", base.display());
-    let mut vm = Console::spawn(&[
-        "run",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--disk",
-        &tmp_disk,
-    ]);
-    vm.wait_for("the count", Duration::from_secs(20), |l| {
-        count_line(l).is_some()
-    });
-    assert_eq!(
-        common::http(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,
-        204
-    );
-    let body = format!(
-        r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
-        dir.join("tmp-snap").display(),
-        dir.join("tmp-mem").display()
-    );
-    let (status, reply) = common::http(&sock, "PUT", "/snapshot/create", Some(&body));
-    assert!(status >= 400, "{status} {reply}");
-    assert!(
-        reply.contains("overlay=tmp") && reply.contains("overlay=PATH"),
-        "{reply}"
-    );
-    assert!(
-        !dir.join("tmp-snap").exists(),
-        "a snapshot file was left behind"
-    );
-    common::stop(&mut vm.child);
+    snapshot_of_counter(&tmp_dir, &["--disk", &tmp_disk]);
+    let captured = tmp_dir.join("snap.disk0.overlay");
+    let capture = std::fs::read(&captured).unwrap();
+    assert_eq!(&capture[..8], b"EMBEROVL");
+    let args = restore_args(&tmp_dir, "snap", "mem");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut clones: Vec<Console> = (0..2).map(|_| Console::spawn(&args)).collect();
+    for vm in &mut clones {
+        vm.wait_for("the count", Duration::from_secs(20), |l| {
+            count_line(l).is_some()
+        });
+    }
+    for mut vm in clones {
+        common::stop(&mut vm.child);
+    }
+    assert_eq!(std::fs::read(&captured).unwrap(), capture);
+    assert_eq!(std::fs::read(&base).unwrap(), vec![0x5a; 1 << 20]);
     let _ = std::fs::remove_dir_all(&dir);
 }

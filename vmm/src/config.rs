@@ -226,10 +226,38 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
 /// `cid=N,uds=PATH`: the guest's CID (3 to 2^32-2) and the Unix socket Ember listens on for
 /// host clients (it must not exist yet; that is checked when the device is created).
 pub fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
-    let bad = |reason: String| ConfigError::BadVsock {
+    match vsock_parts(spec)? {
+        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+        _ => Err(bad_vsock(
+            spec,
+            "both cid=N and uds=PATH are required".into(),
+        )),
+    }
+}
+
+/// `uds=PATH` with `--restore`: where the restored VM's vsock device listens instead of the
+/// snapshotted VM's path (which that VM, or another clone, may still hold). The CID is the
+/// snapshot's: the guest knows itself by it.
+pub fn parse_vsock_rebind(spec: &str) -> Result<PathBuf, ConfigError> {
+    match vsock_parts(spec)? {
+        (None, Some(uds)) => Ok(uds),
+        (Some(_), _) => Err(bad_vsock(
+            spec,
+            "with --restore only uds=PATH is given: the guest keeps the CID of its snapshot".into(),
+        )),
+        (None, None) => Err(bad_vsock(spec, "uds=PATH is required".into())),
+    }
+}
+
+fn bad_vsock(spec: &str, reason: String) -> ConfigError {
+    ConfigError::BadVsock {
         spec: spec.to_string(),
         reason,
-    };
+    }
+}
+
+fn vsock_parts(spec: &str) -> Result<(Option<u64>, Option<PathBuf>), ConfigError> {
+    let bad = |reason: String| bad_vsock(spec, reason);
     let (mut cid, mut uds) = (None, None);
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -263,10 +291,7 @@ pub fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
             _ => return Err(bad(format!("unknown key in {part:?}"))),
         }
     }
-    match (cid, uds) {
-        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
-        _ => Err(bad("both cid=N and uds=PATH are required".into())),
-    }
+    Ok((cid, uds))
 }
 
 pub fn parse_timings(s: &str) -> Result<TimingsFormat, ConfigError> {
@@ -508,6 +533,19 @@ mod tests {
                 "{twice}"
             );
         }
+    }
+
+    #[test]
+    fn vsock_rebind_takes_a_path_only() {
+        assert_eq!(
+            parse_vsock_rebind("uds=/tmp/c.sock").unwrap(),
+            PathBuf::from("/tmp/c.sock")
+        );
+        for bad in ["cid=3,uds=/tmp/c.sock", "cid=3", "", "uds=", "path=x"] {
+            assert!(parse_vsock_rebind(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_vsock_rebind("cid=4,uds=x").unwrap_err().to_string();
+        assert!(e.contains("keeps the CID"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! or Ctrl-A x.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ember_boot::layout::{self, GuestDevice, MmioDeviceInfo};
@@ -21,7 +22,10 @@ use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT_LEN};
 use ember_devices::serial::SerialDevice;
 use ember_devices::state::Persist;
 use ember_devices::virtio::mmio::NOTIFY_OFFSET;
-use ember_devices::virtio::{Block, MmioState, MmioStateError, MmioTransport, VirtioDevice};
+use ember_devices::virtio::vsock::{ListenerFile, VsockState};
+use ember_devices::virtio::{
+    Block, BlockState, MmioState, MmioStateError, MmioTransport, VirtioDevice, Vsock,
+};
 use ember_devices::{Bus, BusDevice, EventFdTrigger, SharedDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -104,11 +108,13 @@ pub struct LegacyDevices {
 
 /// A virtio transport's state, whatever device is behind it.
 pub trait SaveTransport: Send {
-    fn save_state(&self) -> Result<MmioState, MmioStateError>;
+    /// `files`: where the snapshot keeps files of the device's own (`<files>.<what>`).
+    fn save_state(&self, files: &Path) -> Result<MmioState, MmioStateError>;
 }
 
 impl<D: VirtioDevice> SaveTransport for MmioTransport<D> {
-    fn save_state(&self) -> Result<MmioState, MmioStateError> {
+    fn save_state(&self, files: &Path) -> Result<MmioState, MmioStateError> {
+        self.device().snapshot_files(files);
         Persist::save(self)
     }
 }
@@ -309,15 +315,21 @@ impl DeviceManager {
     }
 
     /// Attaches the virtio devices of a snapshot, each rebuilt by its type from its state, at
-    /// the places they had.
+    /// the places they had. `dir` is the state file's directory (a disk's captured overlay is
+    /// there); `vsock_uds` is where the vsock device listens instead of its saved path. Returns
+    /// the vsock device's socket file guard.
     pub fn restore_virtio(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         saved: &[VirtioSnapshot],
         ctl: &Arc<VmControl>,
-    ) -> Result<(), DeviceError> {
-        use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+        dir: &Path,
+        vsock_uds: Option<PathBuf>,
+    ) -> Result<Option<ListenerFile>, DeviceError> {
+        use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_VSOCK};
+        let mut vsock_file = None;
+        let mut vsock_uds = Some(vsock_uds);
         for dev in saved {
             let err = restore_err(&dev.name);
             let place = MmioDeviceInfo {
@@ -327,10 +339,33 @@ impl DeviceManager {
             };
             match dev.transport.device_type {
                 VIRTIO_ID_BLOCK => {
-                    let state = ember_devices::state::from_bytes(&dev.transport.device)
-                        .map_err(|e| err(&e))?;
+                    let mut state: BlockState =
+                        ember_devices::state::from_bytes(&dev.transport.device)
+                            .map_err(|e| err(&e))?;
+                    // Only a file name: the capture is wherever the snapshot is now.
+                    if let Some(name) = &state.captured {
+                        if name.components().count() != 1 {
+                            return Err(err(&format!(
+                                "the captured overlay {} is not a file name",
+                                name.display()
+                            )));
+                        }
+                        state.captured = Some(dir.join(name));
+                    }
                     let block = Block::restore((), &state).map_err(|e| err(&e))?;
                     let transport = MmioTransport::restore((mem.clone(), block), &dev.transport)
+                        .map_err(|e| err(&e))?;
+                    self.attach_transport(vm, &dev.name, transport, Some(place), ctl)?;
+                }
+                VIRTIO_ID_VSOCK => {
+                    let Some(uds) = vsock_uds.take() else {
+                        return Err(err(&"a second vsock device; a machine has one at most"));
+                    };
+                    let state: VsockState = ember_devices::state::from_bytes(&dev.transport.device)
+                        .map_err(|e| err(&e))?;
+                    let mut vsock = Vsock::restore(uds, &state).map_err(|e| err(&e))?;
+                    vsock_file = vsock.take_listener_file();
+                    let transport = MmioTransport::restore((mem.clone(), vsock), &dev.transport)
                         .map_err(|e| err(&e))?;
                     self.attach_transport(vm, &dev.name, transport, Some(place), ctl)?;
                 }
@@ -341,7 +376,7 @@ impl DeviceManager {
                 }
             }
         }
-        Ok(())
+        Ok(vsock_file)
     }
 
     fn attach_transport<D: VirtioDevice + 'static>(
@@ -432,8 +467,14 @@ impl DeviceManager {
     }
 
     /// Every device's state, for a snapshot of a paused VM. A virtio device's state is taken
-    /// under its request side's lock, so no request is half done in it.
-    pub fn save(&self, legacy: &LegacyDevices) -> Result<DevicesSnapshot, DeviceError> {
+    /// under its request side's lock, so no request is half done in it. Files of a device's own
+    /// (a disk's captured tmp overlay) go to `<files>.<device name>.<what>`; see
+    /// [`DeviceManager::own_files`].
+    pub fn save(
+        &self,
+        legacy: &LegacyDevices,
+        files: &Path,
+    ) -> Result<DevicesSnapshot, DeviceError> {
         fn save<T: Persist>(name: &str, dev: &Mutex<T>) -> Result<T::State, DeviceError> {
             dev.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -449,7 +490,7 @@ impl DeviceManager {
                 .transport
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .save_state()
+                .save_state(&device_files(files, &v.name))
                 .map_err(|e| DeviceError::Save {
                     device: v.name.clone(),
                     reason: e.to_string(),
@@ -471,6 +512,27 @@ impl DeviceManager {
             virtio,
         })
     }
+}
+
+impl DeviceManager {
+    /// The files a snapshot at `files` may have made for its devices (whether it did or not),
+    /// to remove them when the snapshot fails.
+    pub fn own_files(&self, files: &Path) -> Vec<PathBuf> {
+        self.virtio
+            .iter()
+            .map(|v| {
+                let mut p = device_files(files, &v.name).into_os_string();
+                p.push(".overlay");
+                p.into()
+            })
+            .collect()
+    }
+}
+
+fn device_files(files: &Path, device: &str) -> PathBuf {
+    let mut p = files.as_os_str().to_owned();
+    p.push(format!(".{device}"));
+    p.into()
 }
 
 /// A device's own event loop, on its own thread: queue notifications and the device's other

@@ -61,13 +61,13 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     memory: String,
     /// Resume the VM of a snapshot (its state file) instead of booting; needs --mem. The snapshot
-    /// fixes the machine: no --kernel, --initramfs, --cmdline, --cpus, --memory, --disk or
-    /// --vsock.
+    /// fixes the machine: no --kernel, --initramfs, --cmdline, --cpus, --memory or --disk
+    /// (--vsock uds=PATH moves its vsock socket).
     #[arg(
         long,
         value_name = "PATH",
         requires = "mem",
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "vsock"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "disk"]
     )]
     restore: Option<PathBuf>,
     /// The snapshot's guest memory file, mapped copy-on-write (with --restore).
@@ -85,8 +85,9 @@ struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio-vsock device: the guest's CID, and the Unix socket Ember listens on for host
-    /// clients (`CONNECT <port>`); the guest's connections to host port P go to PATH_P.
-    #[arg(long, value_name = "cid=N,uds=PATH", requires = "kernel")]
+    /// clients (`CONNECT <port>`); the guest's connections to host port P go to PATH_P. With
+    /// --restore, `uds=PATH` only: where the restored VM's vsock device listens.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<String>,
     /// Print the boot timeline at exit on stderr: as a table, or `--timings=json`.
     #[arg(long, value_name = "FORMAT", num_args = 0..=1, default_missing_value = "table", require_equals = true)]
@@ -195,6 +196,15 @@ impl RunArgs {
                 mem: mem.clone(),
                 opts: self.run_options()?,
                 prefault: self.prefault,
+                vsock_uds: self
+                    .vsock
+                    .as_deref()
+                    .map(config::parse_vsock_rebind)
+                    .transpose()?,
+            }),
+            (None, None, _) if self.vsock.is_some() => Err(config::ConfigError::BadVsock {
+                spec: self.vsock.clone().unwrap_or_default(),
+                reason: "a vsock device needs --kernel (or --restore, to move one)".into(),
             }),
             // clap has made sure --api-sock is there.
             _ => Ok(Start::AwaitLoad(self.run_options()?)),

@@ -193,6 +193,12 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
                     libc::SYS_newfstatat,
                     libc::SYS_fstat,
                     libc::SYS_lseek,
+                    // A tmp overlay captured into the snapshot: the base's fingerprint is read,
+                    // the written blocks copied (copy_file_range, or reads and writes), and a
+                    // relative base path made absolute for the capture's header.
+                    libc::SYS_pread64,
+                    libc::SYS_copy_file_range,
+                    libc::SYS_getcwd,
                 ]);
             }
         }

@@ -498,11 +498,16 @@ impl Vmm {
     /// A VM as a snapshot has it (see `snapshot` and `memory_file`): the same machine, its RAM
     /// mapped privately from `mem_path`, every device and vCPU as it was. It goes on from its next
     /// instruction when run; nothing is booted.
+    ///
+    /// `vsock_uds` is where a vsock device listens instead of the path it had (each VM restored
+    /// from one snapshot needs its own); its guest gets a TRANSPORT_RESET, since the connections
+    /// it had ended with the Ember that had their host sockets.
     pub fn restore(
         snapshot_path: &Path,
         mem_path: &Path,
         opts: &RunOptions,
         prefault: bool,
+        vsock_uds: Option<PathBuf>,
     ) -> Result<Vmm> {
         let snapshot = Snapshot::read(snapshot_path)?;
         let machine = snapshot.machine.clone();
@@ -536,7 +541,12 @@ impl Vmm {
         let mut devices = DeviceManager::new(opts.seccomp)?;
         let (console, output) = serial_sink(opts, &ctl)?;
         let (legacy, exits) = devices.attach_legacy(&vm, console, Some(&snapshot.devices))?;
-        devices.restore_virtio(&vm, &mem, &snapshot.devices.virtio, &ctl)?;
+        let dir = match snapshot_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let vsock_file =
+            devices.restore_virtio(&vm, &mem, &snapshot.devices.virtio, &ctl, dir, vsock_uds)?;
 
         let vcpu_fds = create_vcpus(&vm, machine.cpus)?;
         let ctx = SaveContext::query(&kvm, &vm).map_err(|e| VmmError::Restore(e.to_string()))?;
@@ -559,6 +569,7 @@ impl Vmm {
             output,
         })?;
         vmm.save_ctx = Some(ctx);
+        vmm.vsock_file = vsock_file;
         Ok(vmm)
     }
 
@@ -643,21 +654,29 @@ impl Vmm {
             })
             .collect::<Result<Vec<_>>>()?;
         let vm = VmState::save(&self.vm).map_err(|e| VmmError::Snapshot(e.to_string()))?;
-        let devices = self.devices.save(&self.legacy)?;
-        let memory = crate::memory_file::write(&self.mem, mem_path)?;
-        let snapshot = Snapshot {
-            machine: self.machine.clone(),
-            memory,
-            vm,
-            vcpus,
-            devices,
-        };
-        if let Err(e) = snapshot.write(snapshot_path) {
-            let _ = std::fs::remove_file(mem_path);
-            let _ = std::fs::remove_file(snapshot_path);
-            return Err(e.into());
+        let written = self
+            .devices
+            .save(&self.legacy, snapshot_path)
+            .map_err(VmmError::from)
+            .and_then(|devices| {
+                let memory = crate::memory_file::write(&self.mem, mem_path)?;
+                let snapshot = Snapshot {
+                    machine: self.machine.clone(),
+                    memory,
+                    vm,
+                    vcpus,
+                    devices,
+                };
+                snapshot.write(snapshot_path).map_err(VmmError::from)
+            });
+        if written.is_err() {
+            let mut made = self.devices.own_files(snapshot_path);
+            made.extend([mem_path.to_path_buf(), snapshot_path.to_path_buf()]);
+            for path in made {
+                let _ = std::fs::remove_file(path);
+            }
         }
-        Ok(())
+        written
     }
 
     /// Lets the process's stop signals (SIGINT, SIGTERM, SIGHUP, ...) end the VM with
@@ -873,6 +892,8 @@ pub enum Start {
         mem: PathBuf,
         opts: RunOptions,
         prefault: bool,
+        /// Where the vsock device listens instead of its saved path.
+        vsock_uds: Option<PathBuf>,
     },
     /// Wait on the API socket for `PUT /snapshot/load`.
     AwaitLoad(RunOptions),
@@ -896,7 +917,8 @@ pub fn run(start: Start, api_sock: Option<&Path>) -> Result<ExitReason> {
             mem,
             opts,
             prefault,
-        } => Vmm::restore(&snapshot, &mem, &opts, prefault)?,
+            vsock_uds,
+        } => Vmm::restore(&snapshot, &mem, &opts, prefault, vsock_uds)?,
         Start::AwaitLoad(opts) => {
             let Some(api) = api.as_ref() else {
                 return Err(VmmError::Restore(
@@ -950,7 +972,7 @@ fn await_load(api: &crate::api::ApiChannel, opts: &RunOptions) -> Result<Loaded>
                 snapshot_path,
                 mem_file_path,
                 resume_vm,
-            } => match Vmm::restore(&snapshot_path, &mem_file_path, opts, false) {
+            } => match Vmm::restore(&snapshot_path, &mem_file_path, opts, false, None) {
                 Ok(vmm) => {
                     if !resume_vm {
                         vmm.start_paused();
