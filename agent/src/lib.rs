@@ -6,6 +6,11 @@
 //!    [`FRAME_STDOUT`] and [`FRAME_STDERR`] carry the command's output as it comes, in order per
 //!    stream; one [`FRAME_EXIT`] carries an [`Outcome`] as JSON and is the last frame.
 //!
+//! Or, to learn whether the agent is up without running anything, the host sends the line
+//! `PING`; the agent answers with one [`FRAME_READY`] frame (its version), closes the
+//! connection and waits for the next. `ember exec --snapshot` pings before it snapshots a VM:
+//! the answer says the agent listens on its port and will accept the next connection.
+//!
 //! Frames are at most [`MAX_FRAME`] bytes, so a reader never has to hold more than that.
 //!
 //! Without vsock (console mode, [`CONSOLE_FLAG`]) the outcome travels as one console line,
@@ -20,6 +25,9 @@ pub const AGENT_PORT: u32 = 52;
 pub const FRAME_STDOUT: u8 = 1;
 pub const FRAME_STDERR: u8 = 2;
 pub const FRAME_EXIT: u8 = 3;
+pub const FRAME_READY: u8 = 4;
+/// The line that asks for [`FRAME_READY`].
+pub const PING: &[u8] = b"PING";
 pub const MAX_FRAME: usize = 64 * 1024;
 /// A request is a few arguments and variables; a longer line is refused.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -134,6 +142,15 @@ pub enum Frame {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exit(Outcome),
+    /// The answer to a ping: the agent's version.
+    Ready(String),
+}
+
+/// What the host asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Ping,
+    Run(Request),
 }
 
 pub fn write_request(w: &mut impl Write, req: &Request) -> Result<(), ProtoError> {
@@ -143,8 +160,33 @@ pub fn write_request(w: &mut impl Write, req: &Request) -> Result<(), ProtoError
     Ok(())
 }
 
+pub fn write_ping(w: &mut impl Write) -> Result<(), ProtoError> {
+    w.write_all(PING)?;
+    w.write_all(b"\n")?;
+    Ok(())
+}
+
+pub fn write_ready(w: &mut impl Write) -> Result<(), ProtoError> {
+    write_output(w, FRAME_READY, env!("CARGO_PKG_VERSION").as_bytes())?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads a request line or a ping.
+pub fn read_incoming(r: &mut impl Read) -> Result<Incoming, ProtoError> {
+    let line = read_line(r)?;
+    if line == PING {
+        return Ok(Incoming::Ping);
+    }
+    Ok(Incoming::Run(serde_json::from_slice(&line)?))
+}
+
 /// Reads the request line, one byte at a time so that nothing after it is consumed.
 pub fn read_request(r: &mut impl Read) -> Result<Request, ProtoError> {
+    Ok(serde_json::from_slice(&read_line(r)?)?)
+}
+
+fn read_line(r: &mut impl Read) -> Result<Vec<u8>, ProtoError> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -157,7 +199,7 @@ pub fn read_request(r: &mut impl Read) -> Result<Request, ProtoError> {
         }
         line.push(byte[0]);
     }
-    Ok(serde_json::from_slice(&line)?)
+    Ok(line)
 }
 
 /// Writes `data` as frames of `kind` (split at `MAX_FRAME`).
@@ -202,6 +244,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtoError> {
         FRAME_STDOUT => Frame::Stdout(body),
         FRAME_STDERR => Frame::Stderr(body),
         FRAME_EXIT => Frame::Exit(serde_json::from_slice(&body)?),
+        FRAME_READY => Frame::Ready(String::from_utf8_lossy(&body).into_owned()),
         other => return Err(ProtoError::UnknownKind(other)),
     }))
 }
@@ -272,6 +315,33 @@ mod tests {
         );
         assert_eq!(parse_outcome_line("ember-agent: outcome {\"Exi"), None);
         assert_eq!(parse_outcome_line("no such line"), None);
+    }
+
+    #[test]
+    fn a_ping_is_told_from_a_request_and_answered_with_the_version() {
+        let mut wire = Vec::new();
+        write_ping(&mut wire).unwrap();
+        write_request(
+            &mut wire,
+            &Request {
+                argv: vec!["PING".into()],
+                env: vec![],
+                cwd: "/".into(),
+            },
+        )
+        .unwrap();
+        let mut r = wire.as_slice();
+        assert_eq!(read_incoming(&mut r).unwrap(), Incoming::Ping);
+        assert!(
+            matches!(read_incoming(&mut r).unwrap(), Incoming::Run(req) if req.argv == ["PING"])
+        );
+        let mut answer = Vec::new();
+        write_ready(&mut answer).unwrap();
+        assert_eq!(
+            read_frame(&mut answer.as_slice()).unwrap(),
+            Some(Frame::Ready(env!("CARGO_PKG_VERSION").into()))
+        );
+        assert!(read_incoming(&mut &b"PONG\n"[..]).is_err());
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn exec_in(argv: &[&str], cwd: &str) -> (Vec<u8>, Vec<u8>, Outcome) {
             Some(Frame::Stderr(d)) => err.extend(d),
             Some(Frame::Exit(o)) => break o,
             None => panic!("the agent closed without an outcome"),
+            Some(Frame::Ready(v)) => panic!("a ready frame ({v}) to a request"),
         }
     };
     assert!(agent.child.wait().unwrap().success());
@@ -165,4 +166,45 @@ fn console_mode_prints_the_output_then_the_outcome_line() {
     // The environment is exec's default one, not the agent's.
     let (out, _) = console(&["sh", "-c", "echo \"$HOME $TERM\""]);
     assert!(out.starts_with("/root dumb\n"), "{out}");
+}
+
+/// Pings, and a connection that breaks before its request (as each does when the VM is restored
+/// from a snapshot), leave the agent waiting for its command, which it then runs.
+#[test]
+fn pings_and_broken_connections_leave_the_agent_listening_for_the_command() {
+    let mut agent = start();
+    for _ in 0..2 {
+        let mut conn = UnixStream::connect(&agent.sock).unwrap();
+        ember_agent::write_ping(&mut conn).unwrap();
+        assert_eq!(
+            ember_agent::read_frame(&mut conn).unwrap(),
+            Some(Frame::Ready(env!("CARGO_PKG_VERSION").into()))
+        );
+        assert_eq!(
+            ember_agent::read_frame(&mut conn).unwrap(),
+            None,
+            "then it closes"
+        );
+    }
+    // Half a request, then gone.
+    let mut conn = UnixStream::connect(&agent.sock).unwrap();
+    std::io::Write::write_all(&mut conn, b"{\"argv\":").unwrap();
+    drop(conn);
+    let mut conn = UnixStream::connect(&agent.sock).unwrap();
+    let req = Request {
+        argv: vec!["sh".into(), "-c".into(), "echo ran; exit 3".into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: "/".into(),
+    };
+    ember_agent::write_request(&mut conn, &req).unwrap();
+    assert_eq!(
+        ember_agent::read_frame(&mut conn).unwrap(),
+        Some(Frame::Stdout(b"ran\n".to_vec()))
+    );
+    assert_eq!(
+        ember_agent::read_frame(&mut conn).unwrap(),
+        Some(Frame::Exit(Outcome::Exited(3)))
+    );
+    assert!(agent.child.wait().unwrap().success());
+    let _ = std::fs::remove_file(&agent.sock);
 }

@@ -82,6 +82,29 @@ pub fn connect(
     }
 }
 
+/// Waits until the agent answers a ping (the guest booted, and the agent listens and will
+/// accept the next connection); returns its version. Retries like [`connect`].
+pub fn ping(
+    uds: &Path,
+    patience: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<String, ClientError> {
+    let start = Instant::now();
+    let mut conn = connect(uds, patience, &alive)?;
+    conn.set_read_timeout(Some(
+        patience
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1)),
+    ))
+    .map_err(ember_agent::ProtoError::Io)?;
+    ember_agent::write_ping(&mut conn)?;
+    match ember_agent::read_frame(&mut conn)? {
+        Some(Frame::Ready(version)) => Ok(version),
+        Some(_) => Err(ember_agent::ProtoError::UnknownKind(0).into()),
+        None => Err(ember_agent::ProtoError::Io(io::ErrorKind::UnexpectedEof.into()).into()),
+    }
+}
+
 /// Sends `req` and copies the output until the outcome arrives.
 pub fn run(
     conn: UnixStream,
@@ -103,6 +126,9 @@ pub fn run(
                 stderr.flush().map_err(ClientError::Output)?;
             }
             Some(Frame::Exit(outcome)) => return Ok(outcome),
+            Some(Frame::Ready(_)) => {
+                return Err(ember_agent::ProtoError::UnknownKind(ember_agent::FRAME_READY).into())
+            }
             None => {
                 return Err(ember_agent::ProtoError::Io(io::ErrorKind::UnexpectedEof.into()).into())
             }

@@ -2,7 +2,9 @@
 //! `ember exec` builds) it mounts the root disk the kernel command line names
 //! (`ember.agent.root=/dev/vda`) and the usual filesystems in it, enters it, listens on vsock port
 //! 52, runs the one command it is sent, streams its output back as it comes, reports how it
-//! ended, and powers the VM off. `--listen-unix PATH` serves one request on a Unix socket instead,
+//! ended, and powers the VM off. Pings are answered and connections that break before their
+//! request (as every connection does when the VM is restored from a snapshot) are dropped; the
+//! agent goes on listening for the command. `--listen-unix PATH` serves one request on a Unix socket instead,
 //! without touching the system (how its tests run it on the host).
 //!
 //! Console mode, for a VMM without vsock (how `ember bench --guest exec` runs the same guest under
@@ -15,7 +17,9 @@ use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use ember_agent::{Outcome, Request, AGENT_PORT, CONSOLE_FLAG, FRAME_STDERR, FRAME_STDOUT};
+use ember_agent::{
+    Incoming, Outcome, Request, AGENT_PORT, CONSOLE_FLAG, FRAME_STDERR, FRAME_STDOUT,
+};
 
 fn log(msg: &str) {
     // The console: the kernel gives PID 1 /dev/console as stdout.
@@ -81,8 +85,8 @@ fn check(r: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     Ok(r)
 }
 
-/// One accepted connection on AF_VSOCK port `AGENT_PORT`.
-fn accept_vsock() -> io::Result<OwnedFd> {
+/// A listening AF_VSOCK socket on port `AGENT_PORT`.
+fn listen_vsock() -> io::Result<OwnedFd> {
     // SAFETY: plain socket calls on descriptors this function owns.
     unsafe {
         let fd = check(
@@ -102,8 +106,15 @@ fn accept_vsock() -> io::Result<OwnedFd> {
             ),
             "bind",
         )?;
-        check(libc::listen(listener.as_raw_fd(), 1), "listen")?;
+        check(libc::listen(listener.as_raw_fd(), 4), "listen")?;
         log(&format!("listening on vsock port {AGENT_PORT}"));
+        Ok(listener)
+    }
+}
+
+fn accept(listener: &OwnedFd) -> io::Result<std::fs::File> {
+    // SAFETY: accept4 on a listening socket this function borrows; the new descriptor is ours.
+    unsafe {
         let conn = check(
             libc::accept4(
                 listener.as_raw_fd(),
@@ -113,7 +124,7 @@ fn accept_vsock() -> io::Result<OwnedFd> {
             ),
             "accept",
         )?;
-        Ok(OwnedFd::from_raw_fd(conn))
+        Ok(std::fs::File::from(OwnedFd::from_raw_fd(conn)))
     }
 }
 
@@ -318,12 +329,28 @@ fn run(
     })
 }
 
-fn serve(conn: &mut (impl Read + Write)) -> Result<(), ember_agent::ProtoError> {
-    let req = ember_agent::read_request(conn)?;
-    let outcome = run(&req, &mut |kind, data| {
-        ember_agent::write_output(conn, kind, data)
-    })?;
-    ember_agent::write_exit(conn, &outcome)
+/// Serves connections from `next` until one brings a command, and runs it. Pings are answered;
+/// a connection that breaks before its request is only logged.
+fn serve<C: Read + Write>(
+    mut next: impl FnMut() -> io::Result<C>,
+) -> Result<(), ember_agent::ProtoError> {
+    loop {
+        let mut conn = next()?;
+        match ember_agent::read_incoming(&mut conn) {
+            Ok(Incoming::Ping) => {
+                if let Err(e) = ember_agent::write_ready(&mut conn) {
+                    log(&format!("a ping's answer failed: {e}"));
+                }
+            }
+            Ok(Incoming::Run(req)) => {
+                let outcome = run(&req, &mut |kind, data| {
+                    ember_agent::write_output(&mut conn, kind, data)
+                })?;
+                return ember_agent::write_exit(&mut conn, &outcome);
+            }
+            Err(e) => log(&format!("a connection ended before its request: {e}")),
+        }
+    }
 }
 
 /// Console mode: `argv` run as `ember exec` would run it, its output on our own stdout and
@@ -407,10 +434,9 @@ fn main() {
         }
         poweroff();
     }
-    match accept_vsock() {
-        Ok(fd) => {
-            let mut conn = std::fs::File::from(fd);
-            if let Err(e) = serve(&mut conn) {
+    match listen_vsock() {
+        Ok(listener) => {
+            if let Err(e) = serve(|| accept(&listener)) {
                 log(&format!("the request failed: {e}"));
             }
         }
@@ -421,6 +447,5 @@ fn main() {
 
 fn serve_unix(path: &str) -> io::Result<()> {
     let listener = std::os::unix::net::UnixListener::bind(path)?;
-    let (mut conn, _) = listener.accept()?;
-    serve(&mut conn).map_err(|e| io::Error::other(e.to_string()))
+    serve(|| listener.accept().map(|(c, _)| c)).map_err(|e| io::Error::other(e.to_string()))
 }
