@@ -110,12 +110,18 @@ pub struct LegacyDevices {
 pub trait SaveTransport: Send {
     /// `files`: where the snapshot keeps files of the device's own (`<files>.<what>`).
     fn save_state(&self, files: &Path) -> Result<MmioState, MmioStateError>;
+    /// See `MmioTransport::resignal`.
+    fn resignal(&self);
 }
 
 impl<D: VirtioDevice> SaveTransport for MmioTransport<D> {
     fn save_state(&self, files: &Path) -> Result<MmioState, MmioStateError> {
         self.device().snapshot_files(files);
         Persist::save(self)
+    }
+
+    fn resignal(&self) {
+        MmioTransport::resignal(self)
     }
 }
 
@@ -515,6 +521,17 @@ impl DeviceManager {
 }
 
 impl DeviceManager {
+    /// For a restored VM, once its vCPUs' state is set: interrupts its virtio devices raised
+    /// before then (and that the restored local APICs dropped) are raised again.
+    pub fn resignal_virtio(&self) {
+        for v in &self.virtio {
+            v.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resignal();
+        }
+    }
+
     /// The files a snapshot at `files` may have made for its devices (whether it did or not),
     /// to remove them when the snapshot fails.
     pub fn own_files(&self, files: &Path) -> Vec<PathBuf> {

@@ -214,6 +214,16 @@ impl VmControl {
     /// Called by a vCPU thread between runs: parks it while a pause is asked for, doing the jobs
     /// posted meanwhile.
     fn park_if_paused(&self, id: u8, vcpu: &mut VcpuFd) {
+        if !self.pause_state().requested {
+            return;
+        }
+        // An I/O or MMIO exit is completed by the next KVM_RUN (a read's value goes into the
+        // guest's register then). Parked before it, the vCPU's saved state would be that of a
+        // half-done instruction, and a guest restored from it hung in its interrupt handler.
+        // With immediate_exit KVM completes it and returns before running guest code.
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run();
+        vcpu.set_kvm_immediate_exit(0);
         let mut state = self.pause_state();
         if !state.requested {
             return;

@@ -555,6 +555,7 @@ impl Vmm {
                 .restore(fd, &ctx)
                 .map_err(|e| VmmError::Restore(format!("vCPU {id}: {e}")))?;
         }
+        devices.resignal_virtio();
         let mut vmm = Vmm::assemble(Parts {
             opts: opts.clone(),
             machine,

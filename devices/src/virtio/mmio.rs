@@ -108,6 +108,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt.eventfd()
     }
 
+    /// Signals the interrupt again if the driver has causes it has not acknowledged. For a VM
+    /// being restored: a device may serve its queues (and interrupt) before the vCPUs' state is
+    /// set, and the restored local APICs then replace what KVM had delivered to them.
+    pub fn resignal(&self) {
+        if self.interrupt.status() != 0 {
+            if let Err(e) = self.interrupt.eventfd().write(1) {
+                log::warn!("virtio: cannot signal interrupt: {e}");
+            }
+        }
+    }
+
     /// One eventfd per queue, in queue order: register each as an ioeventfd at
     /// `base + NOTIFY_OFFSET` with its index as datamatch.
     pub fn queue_evts(&self) -> &[EventFd] {
