@@ -167,13 +167,62 @@ pub struct Request {
 pub struct ApiChannel {
     pub requests: mpsc::Receiver<Request>,
     pub wake: EventFd,
-    path: PathBuf,
+    /// The socket file, removed with the channel; None for an in-process channel.
+    path: Option<PathBuf>,
 }
 
 impl Drop for ApiChannel {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// The caller's end of an in-process channel: the same requests as the socket's, from Ember
+/// itself (`ember exec` pauses and snapshots the VM it booted through one).
+pub struct ApiHandle {
+    tx: mpsc::Sender<Request>,
+    wake: EventFd,
+}
+
+impl ApiHandle {
+    /// Carries out `action` on the VM's thread and returns its reply; a 503 once the VM ended.
+    pub fn call(&self, action: Action) -> Reply {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        if self
+            .tx
+            .send(Request {
+                action,
+                reply: reply_tx,
+            })
+            .is_err()
+        {
+            return Reply::fault(503, "the VM has ended");
+        }
+        let _ = self.wake.write(1);
+        reply_rx
+            .recv()
+            .unwrap_or_else(|_| Reply::fault(503, "the VM has ended"))
+    }
+}
+
+/// A channel with no socket: the VM's end for `Vmm::attach_api`, and the caller's.
+pub fn in_process() -> Result<(ApiChannel, ApiHandle), ApiError> {
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::Thread)?;
+    let handle_wake = wake.try_clone().map_err(ApiError::Thread)?;
+    let (tx, rx) = mpsc::channel();
+    Ok((
+        ApiChannel {
+            requests: rx,
+            wake,
+            path: None,
+        },
+        ApiHandle {
+            tx,
+            wake: handle_wake,
+        },
+    ))
 }
 
 /// How long a client may take to send a whole request.
@@ -220,7 +269,7 @@ pub fn serve(path: &Path, seccomp: bool) -> Result<ApiChannel, ApiError> {
     Ok(ApiChannel {
         requests: rx,
         wake,
-        path: path.to_path_buf(),
+        path: Some(path.to_path_buf()),
     })
 }
 

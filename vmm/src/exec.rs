@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ember_agent::{Outcome, Request};
 
@@ -53,6 +53,8 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] crate::exec_snapshot::SnapshotDirError),
 }
 
 /// The guest's kernel command line (Ember adds its device and host words). `quiet`: on a host
@@ -74,6 +76,8 @@ pub struct ExecOptions {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
+    /// `--snapshot DIR`: restore the agent's VM from DIR (made there first if missing).
+    pub snapshot: Option<PathBuf>,
 }
 
 fn cache_base() -> PathBuf {
@@ -81,8 +85,16 @@ fn cache_base() -> PathBuf {
     PathBuf::from(home).join(".cache/ember")
 }
 
+/// What the VM is made from: the kernel, the root filesystem's image and the agent's
+/// initramfs.
+pub(crate) struct Inputs {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub initramfs: PathBuf,
+}
+
 /// The kernel and base image to boot, made or found.
-fn inputs(opts: &ExecOptions) -> Result<(PathBuf, PathBuf, PathBuf), ExecError> {
+fn inputs(opts: &ExecOptions) -> Result<Inputs, ExecError> {
     let kernel = opts
         .kernel
         .clone()
@@ -118,11 +130,30 @@ fn inputs(opts: &ExecOptions) -> Result<(PathBuf, PathBuf, PathBuf), ExecError> 
         return Err(ExecError::NoAgent(agent));
     }
     let initramfs = crate::exec_image::agent_initramfs(&agent, &cache)?;
-    Ok((kernel, rootfs, initramfs))
+    Ok(Inputs {
+        kernel,
+        rootfs,
+        initramfs,
+    })
 }
 
 /// A directory for this run's vsock socket, removed with it.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
+
+impl Scratch {
+    pub(crate) fn new() -> Result<Self, ExecError> {
+        let dir = std::env::temp_dir().join(format!("ember-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| ExecError::Scratch {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Scratch(dir))
+    }
+
+    pub(crate) fn uds(&self) -> PathBuf {
+        self.0.join("vsock")
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -130,31 +161,33 @@ impl Drop for Scratch {
     }
 }
 
-/// Runs the command; returns the status `ember exec` exits with.
-pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
-    let (kernel, rootfs, initramfs) = inputs(&opts)?;
-    let dir = std::env::temp_dir().join(format!("ember-exec-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| ExecError::Scratch {
-        path: dir.clone(),
-        source,
-    })?;
-    let scratch = Scratch(dir);
-    let uds = scratch.0.join("vsock");
+/// The guest's console: a file with `--console`, else nowhere.
+pub(crate) fn console(opts: &ExecOptions) -> SerialMode {
+    match &opts.console {
+        Some(path) => SerialMode::File(path.clone()),
+        None => SerialMode::Null,
+    }
+}
+
+/// The microVM `ember exec` boots: the kernel with the agent's initramfs, the base image under a
+/// tmp overlay as vda, the user's disks after it, vsock with its socket at `uds`.
+pub(crate) fn boot_config(
+    opts: &ExecOptions,
+    inputs: &Inputs,
+    uds: &std::path::Path,
+) -> Result<VmConfig, ExecError> {
     let mut disks = vec![config::parse_disk(&format!(
         "path={},overlay=tmp,id=ember-root",
-        rootfs.display()
+        inputs.rootfs.display()
     ))?];
     disks.extend(opts.disks.iter().cloned());
-    let cfg = VmConfig {
-        kernel,
-        initramfs: Some(initramfs),
+    Ok(VmConfig {
+        kernel: inputs.kernel.clone(),
+        initramfs: Some(inputs.initramfs.clone()),
         cmdline: GUEST_CMDLINE.into(),
         cpus: opts.cpus,
         memory: opts.memory,
-        serial: match &opts.console {
-            Some(path) => SerialMode::File(path.clone()),
-            None => SerialMode::Null,
-        },
+        serial: console(opts),
         disks,
         vsock: Some(config::parse_vsock(&format!(
             "cid=3,uds={}",
@@ -163,8 +196,30 @@ pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
         timings: None,
         ready_marker: None,
         seccomp: opts.seccomp,
-    };
-    let mut vmm = Vmm::build(&cfg)?;
+    })
+}
+
+/// Runs the command; returns the status `ember exec` exits with.
+pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
+    // The time limit counts from here: boot (or restore) included.
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    let inputs = inputs(&opts)?;
+    if let Some(dir) = &opts.snapshot {
+        return crate::exec_snapshot::exec(dir, &opts, &inputs, deadline);
+    }
+    let scratch = Scratch::new()?;
+    let cfg = boot_config(&opts, &inputs, &scratch.uds())?;
+    drive(Vmm::build(&cfg)?, &scratch.uds(), &opts, deadline)
+}
+
+/// Runs the VM (booted or restored), sends the command to its agent through the vsock socket
+/// at `uds`, copies the output, and turns how it all ended into `ember exec`'s status.
+pub(crate) fn drive(
+    mut vmm: Vmm,
+    uds: &std::path::Path,
+    opts: &ExecOptions,
+    deadline: Option<Instant>,
+) -> Result<u8, ExecError> {
     vmm.defer_teardown();
     vmm.watch_signals()?;
     let ctl = vmm.controller();
@@ -175,22 +230,24 @@ pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
 
     // The time limit stops the VM; the connection then ends and the client returns.
     let timed_out = Arc::new(AtomicBool::new(false));
-    if let Some(limit) = opts.timeout {
+    if let Some(deadline) = deadline {
         let (ctl, timed_out) = (ctl.clone(), timed_out.clone());
         std::thread::spawn(move || {
-            std::thread::sleep(limit);
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
             timed_out.store(true, Ordering::SeqCst);
             ctl.stop();
         });
     }
     let alive = || ctl.exit_reason().is_none();
-    let patience = opts.timeout.unwrap_or(Duration::from_secs(600));
+    let patience = deadline.map_or(Duration::from_secs(600), |d| {
+        d.saturating_duration_since(Instant::now())
+    });
     let req = Request {
         argv: opts.argv.clone(),
         env: opts.env.clone(),
         cwd: opts.cwd.clone(),
     };
-    let outcome = exec_client::connect(&uds, patience, alive).and_then(|conn| {
+    let outcome = exec_client::connect(uds, patience, alive).and_then(|conn| {
         // When the VM ends (time limit, signal, crash), nothing more comes: stop reading.
         let watch = conn.try_clone().ok();
         let ctl = ctl.clone();
@@ -263,6 +320,7 @@ mod tests {
             argv: vec!["true".into()],
             env: Vec::new(),
             cwd: "/".into(),
+            snapshot: None,
         };
         let e = exec(opts).unwrap_err();
         assert!(e.to_string().contains("scripts/microvm-kernel.sh"), "{e}");

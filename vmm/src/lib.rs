@@ -10,6 +10,7 @@ pub mod event_loop;
 pub mod exec;
 pub mod exec_client;
 pub mod exec_image;
+pub mod exec_snapshot;
 pub mod host;
 pub mod memory_file;
 pub mod reaper;

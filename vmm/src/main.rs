@@ -137,6 +137,10 @@ struct ExecArgs {
     /// System call filters for Ember's threads: on (default) or off.
     #[arg(long, value_name = "on|off", default_value = "on")]
     seccomp: String,
+    /// Resume a booted agent from the snapshot in DIR instead of booting; a DIR without one
+    /// gets one first (boot, snapshot when the agent is ready, then run from it).
+    #[arg(long, value_name = "DIR")]
+    snapshot: Option<PathBuf>,
     /// The command and its arguments (after `--`).
     #[arg(
         required = true,
@@ -175,6 +179,7 @@ impl ExecArgs {
             argv: self.command.clone(),
             env,
             cwd: self.cwd.clone(),
+            snapshot: self.snapshot.clone(),
         })
     }
 }

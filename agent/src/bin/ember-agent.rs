@@ -434,6 +434,9 @@ fn main() {
         }
         poweroff();
     }
+    // Linux makes the boot's ID at its first read: read now, it names this boot, which every VM
+    // restored from a snapshot of this one goes on with (as `ember exec --snapshot` runs do).
+    let _ = std::fs::read("/proc/sys/kernel/random/boot_id");
     match listen_vsock() {
         Ok(listener) => {
             if let Err(e) = serve(|| accept(&listener)) {

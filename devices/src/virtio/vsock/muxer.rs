@@ -63,14 +63,28 @@ pub struct Active {
     pub interrupt: Arc<Interrupt>,
 }
 
+/// The device was restored from a snapshot, and the connections the guest had then lived in
+/// host sockets of another Ember: the driver is owed a TRANSPORT_RESET event (virtio 1.2 section
+/// 5.10.6.7), after which it drops its connected sockets and keeps its listening ones. Until it
+/// has done so, host clients are refused (and retry, as before a guest listens): a connection
+/// made before the driver handled the event would be dropped with the old ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetEvent {
+    None,
+    /// Sent with the first event buffer the driver makes available.
+    Pending,
+    /// In the driver's buffer; `avail` is the event queue's available index then. Linux handles
+    /// the event, then gives the buffer back (the index moves on) and notifies the queue.
+    Sent {
+        avail: u16,
+    },
+}
+
 pub struct Muxer {
     pub active: Option<Active>,
     table: Table,
-    /// A TRANSPORT_RESET event is owed to the driver: the device was restored from a snapshot,
-    /// and the connections the guest had then lived in host sockets of another Ember (virtio
-    /// 1.2 section 5.10.6.7: the driver then drops its connected sockets and keeps its
-    /// listening ones). Sent with the first event buffer the driver makes available.
-    transport_reset: bool,
+    /// Where the TRANSPORT_RESET owed after a restore is (see [`ResetEvent`]).
+    transport_reset: ResetEvent,
     /// The chain being read, kept to spare an allocation per packet.
     descs: Vec<Descriptor>,
 }
@@ -95,6 +109,8 @@ struct Table {
     cursor: usize,
     next_token: u64,
     next_port: u32,
+    /// The host ports below this were given by the Ember a restored device was saved from.
+    restored_from: u32,
     /// Set while the listener is out of the epoll set because accepting failed (out of
     /// descriptors): it is readable all the while, and level-triggered it would spin the
     /// thread. Holds how many sockets Ember had then; it is watched again once it has fewer,
@@ -133,12 +149,13 @@ impl Muxer {
                 cursor: 0,
                 next_token: LISTENER_TOKEN + 1,
                 next_port: HOST_PORT_FIRST,
+                restored_from: HOST_PORT_FIRST,
                 listener_paused: None,
                 log: GuestLog::new("virtio-vsock"),
                 host_log: GuestLog::new("virtio-vsock (host sockets)"),
             },
             descs: Vec::with_capacity(8),
-            transport_reset: false,
+            transport_reset: ResetEvent::None,
         })
     }
 
@@ -152,12 +169,13 @@ impl Muxer {
     /// owed a TRANSPORT_RESET event.
     pub fn restored(&mut self, next_port: u32) {
         self.table.next_port = next_port.max(HOST_PORT_FIRST);
-        self.transport_reset = true;
+        self.table.restored_from = self.table.next_port;
+        self.transport_reset = ResetEvent::Pending;
     }
 
-    /// Whether the TRANSPORT_RESET event is still waiting for an event buffer.
+    /// Whether the TRANSPORT_RESET event is owed still, or sent and not yet handled.
     pub fn reset_event_pending(&self) -> bool {
-        self.transport_reset
+        self.transport_reset != ResetEvent::None
     }
 
     /// The host sockets' epoll set, for the I/O thread's event loop to watch.
@@ -175,7 +193,7 @@ impl Muxer {
     pub fn reset(&mut self) {
         self.active = None;
         // A driver that resets the device starts with no connections anyway.
-        self.transport_reset = false;
+        self.transport_reset = ResetEvent::None;
         self.table.conns.clear();
         self.table.resets.clear();
         self.table.resume_listener(true);
@@ -218,7 +236,10 @@ impl Muxer {
                 0
             }
         };
-        let active = usable && self.active.is_some();
+        if usable {
+            self.check_reset_handled()?;
+        }
+        let active = usable && self.active.is_some() && self.transport_reset == ResetEvent::None;
         for ev in &events[..n] {
             self.table.host_event(ev.data(), ev.event_set(), active);
         }
@@ -229,9 +250,25 @@ impl Muxer {
         Ok(())
     }
 
+    /// Whether the driver has given back an event buffer since the TRANSPORT_RESET: it has
+    /// handled the event then, and host clients may connect again.
+    fn check_reset_handled(&mut self) -> Result<(), virtio_queue::Error> {
+        if let (ResetEvent::Sent { avail }, Some(a)) = (self.transport_reset, &self.active) {
+            if a.event
+                .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)?
+                .0
+                != avail
+            {
+                self.transport_reset = ResetEvent::None;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the TRANSPORT_RESET event if one is owed and the driver has an event buffer.
     fn pump_event(&mut self) -> Result<(), virtio_queue::Error> {
-        if !self.transport_reset {
+        self.check_reset_handled()?;
+        if self.transport_reset != ResetEvent::Pending {
             return Ok(());
         }
         let Some(active) = self.active.as_mut() else {
@@ -266,7 +303,20 @@ impl Muxer {
         }
         event.add_used(mem, head, written)?;
         // Sent (or the driver's buffer was unusable, which it would be for every event): once.
-        self.transport_reset = false;
+        let avail = event
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?
+            .0;
+        self.transport_reset = ResetEvent::Sent { avail };
+        if event.event_idx_enabled() {
+            // The driver is to notify when it makes the next buffer available: the one it gives
+            // back after handling the event (avail_event, at the end of the used ring).
+            let at = event
+                .used_ring()
+                .checked_add(4 + 8 * u64::from(event.size()))
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            vm_memory::Bytes::write_obj(mem, avail.to_le(), vm_memory::GuestAddress(at))
+                .map_err(virtio_queue::Error::GuestMemory)?;
+        }
         if crate::virtio::needs_interrupt(event, mem)? {
             active.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
         }
@@ -575,6 +625,16 @@ impl Table {
                 Op::Request => self.connect_for_guest(&h),
                 // Never answer an RST with one.
                 Op::Rst => {}
+                // One of the connections the guest had before a restore winding down: expected.
+                _ if (HOST_PORT_FIRST..self.restored_from).contains(&h.dst_port) => {
+                    log::debug!(
+                        "virtio-vsock: packet for a connection from before the restore (port {} \
+                         to port {}); answered with RST",
+                        h.src_port,
+                        h.dst_port
+                    );
+                    self.queue_reset(h.reset_reply());
+                }
                 _ => {
                     self.log.warn(format_args!(
                         "packet for no connection (port {} to port {}); answered with RST",

@@ -505,10 +505,21 @@ fn a_restored_device_keeps_its_state_resets_the_transport_and_listens_on_a_new_p
     let id: u32 = r.mem.read_obj(GuestAddress(evbuf)).unwrap();
     assert_eq!(u32::from_le(id), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
     assert_ne!(r.interrupt.status() & VIRTIO_MMIO_INT_VRING, 0);
-    assert!(!r.dev.reset_event_pending());
-    // Once: the next event buffer stays the driver's.
+    // Until the driver has handled it, a host client would be dropped with the old connections:
+    // it is closed, unanswered, and retries.
+    assert!(r.dev.reset_event_pending());
+    let mut early = UnixStream::connect(&r.uds).unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    early.write_all(b"CONNECT 52\n").unwrap();
+    assert!(r.pump().is_empty(), "the guest was asked for a connection");
+    assert_eq!(early.read(&mut [0u8; 8]).unwrap(), 0);
+    // The driver gives the buffer back once it has handled the event, and notifies.
     r.ev.push(&r.mem, &[(evbuf, 8, W)]);
     r.dev.process_queue(2);
+    assert!(!r.dev.reset_event_pending());
+    // Once: that buffer stays the driver's.
     assert_eq!(r.ev.pop_used(&r.mem), None);
     // The connection the guest had is not the new device's: its packets get RST.
     assert_eq!(r.dev.usage().0, 0);
