@@ -23,6 +23,11 @@ fn exec(extra: &[&str], command: &[&str]) -> Exec {
     let _one = crate::kernels::ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    exec_unlocked(extra, command)
+}
+
+/// `exec` for a caller that holds `ONE_AT_A_TIME` already.
+fn exec_unlocked(extra: &[&str], command: &[&str]) -> Exec {
     let mut cmd = Command::new(common::ember());
     cmd.arg("exec").args(extra).arg("--").args(command);
     let start = Instant::now();
@@ -169,4 +174,154 @@ fn bad_exec_input_is_one_clear_error() {
     assert!(run.user_error().contains("--timeout"), "{}", run.stderr);
     let run = common::run_ember(&["exec"], b"", Duration::from_secs(20));
     assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+}
+
+fn boot_id(r: &Exec) -> String {
+    assert_eq!(r.status, Some(0), "{}", r.stderr);
+    let id = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert_eq!(id.len(), 36, "{id:?}");
+    id
+}
+
+fn rootfs_images() -> Vec<(PathBuf, String)> {
+    let cache = PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/ember/exec");
+    std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ext4"))
+        .map(|p| (p.clone(), sha256(&p)))
+        .collect()
+}
+
+/// `--snapshot DIR`: the first run makes the snapshot and runs its command; later runs restore
+/// it (the same boot ID each time, another than a booted run's), with the command's statuses, a
+/// file one run writes unseen by the next, the base image unchanged, two runs at once, and the
+/// time limit. A snapshot of another VM and a damaged one are refused with one line each, and
+/// `ember run --restore --vsock uds=PATH` of the snapshot answers the agent's protocol.
+#[test]
+fn exec_from_a_snapshot_restores_the_booted_agent() {
+    assert!(kernel_ready());
+    let _one = crate::kernels::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let scratch =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("exec-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let dir = scratch.join("snap");
+    let d = dir.to_str().unwrap();
+    let boot_id_cmd = ["cat", "/proc/sys/kernel/random/boot_id"];
+    let first = exec_unlocked(&["--snapshot", d], &boot_id_cmd);
+    let id = boot_id(&first);
+    assert!(dir.join("snapshot/manifest.json").is_file());
+    assert!(dir.join("snapshot/vm.state.disk0.overlay").is_file());
+    let images = rootfs_images();
+
+    let write = exec_unlocked(
+        &["--snapshot", d],
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/boot_id; echo mine >/written; sync",
+        ],
+    );
+    assert_eq!(boot_id(&write), id, "not restored from the snapshot");
+    eprintln!("restored run: {:?}", write.elapsed);
+    let read = exec_unlocked(&["--snapshot", d], &["cat", "/written"]);
+    assert_eq!(
+        read.status,
+        Some(1),
+        "one run's write reached the next: {:?}",
+        read.stdout
+    );
+    for (command, want) in [(&["false"][..], 1), (&["sh", "-c", "exit 42"][..], 42)] {
+        let r = exec_unlocked(&["--snapshot", d], command);
+        assert_eq!(r.status, Some(want), "{command:?}: {}", r.stderr);
+    }
+    let slow = exec_unlocked(&["--snapshot", d, "--timeout", "3s"], &["sleep", "60"]);
+    assert_eq!(slow.status, Some(124), "{}", slow.stderr);
+    assert!(
+        slow.elapsed < Duration::from_secs(20),
+        "took {:?}",
+        slow.elapsed
+    );
+
+    // Two at once from one directory, each with its own output.
+    let runs: Vec<_> = ["one", "two"]
+        .into_iter()
+        .map(|word| {
+            let d = d.to_string();
+            std::thread::spawn(move || {
+                exec_unlocked(&["--snapshot", &d], &["sh", "-c", &format!("echo {word}")])
+            })
+        })
+        .collect();
+    for (run, word) in runs.into_iter().zip(["one", "two"]) {
+        let r = run.join().unwrap();
+        assert_eq!(r.status, Some(0), "{}", r.stderr);
+        assert_eq!(String::from_utf8_lossy(&r.stdout), format!("{word}\n"));
+    }
+    assert_eq!(rootfs_images(), images, "a base image changed");
+
+    // `ember run --restore` with the snapshot, its vsock on a path of this test's.
+    let uds = scratch.join("run.sock");
+    let mut child = Command::new(common::ember())
+        .arg("run")
+        .arg("--restore")
+        .arg(dir.join("snapshot/vm.state"))
+        .arg("--mem")
+        .arg(dir.join("snapshot/vm.mem"))
+        .arg("--vsock")
+        .arg(format!("uds={}", uds.display()))
+        .args(["--serial", "null"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let conn = ember_vmm::exec_client::connect(&uds, Duration::from_secs(120), || true).unwrap();
+    let req = ember_agent::Request {
+        argv: boot_id_cmd.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/bin:/usr/bin".into())],
+        cwd: "/".into(),
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let outcome = ember_vmm::exec_client::run(conn, &req, &mut out, &mut err).unwrap();
+    assert_eq!(outcome, ember_agent::Outcome::Exited(0));
+    assert_eq!(String::from_utf8_lossy(&out).trim(), id);
+    // The agent powers the guest off.
+    assert!(child.wait().unwrap().success());
+    assert!(!uds.exists());
+
+    // Another VM's snapshot: refused, saying what differs.
+    let other = exec_unlocked(&["--snapshot", d, "--memory", "128M"], &["true"]);
+    assert_eq!(other.status, Some(125), "{}", other.stderr);
+    assert!(
+        other.stderr.contains("another VM") && other.stderr.contains("MiB of memory"),
+        "{}",
+        other.stderr
+    );
+    // A damaged one (a copy with its state file cut short): refused, and left as it is.
+    let broken = scratch.join("broken");
+    let cp = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(&dir)
+        .arg(&broken)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let state = broken.join("snapshot/vm.state");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let r = exec_unlocked(&["--snapshot", broken.to_str().unwrap()], &["true"]);
+    assert_eq!(r.status, Some(125), "{}", r.stderr);
+    assert!(r.stderr.contains("damaged"), "{}", r.stderr);
+    assert_eq!(std::fs::metadata(&state).unwrap().len(), len / 2);
+
+    // A booted run is another boot.
+    let booted = exec_unlocked(&[], &boot_id_cmd);
+    assert_ne!(boot_id(&booted), id);
+    let _ = std::fs::remove_dir_all(&scratch);
 }
