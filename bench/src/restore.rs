@@ -179,14 +179,12 @@ pub struct RestoreResult {
 
 /// A directory removed on drop: the snapshots (a memory file is as large as guest RAM, if
 /// sparse) and the API sockets.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
-    fn new(guest: &str) -> Result<Scratch, BenchError> {
-        let dir = std::env::temp_dir().join(format!(
-            "ember-bench-restore-{guest}-{}",
-            std::process::id()
-        ));
+    /// `$TMPDIR/ember-bench-NAME-PID`, empty.
+    pub(crate) fn new(name: &str) -> Result<Scratch, BenchError> {
+        let dir = std::env::temp_dir().join(format!("ember-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io {
             what: "create",
@@ -265,7 +263,7 @@ pub(crate) fn run(guest: &RestoreGuest, p: &Params<'_>) -> Result<RestoreResult,
         reason,
     };
     let mut progress = Progress::new(!p.quiet);
-    let scratch = Scratch::new(guest.name)?;
+    let scratch = Scratch::new(&format!("restore-{}", guest.name))?;
     let dir = scratch.0.as_path();
     progress.say(&format!(
         "restore ({}): booting and snapshotting",

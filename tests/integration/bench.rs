@@ -359,6 +359,7 @@ fn bench_exec_mode_runs_every_system_with_the_right_status() {
     );
     let labels = [
         "ember exec",
+        "ember exec --snapshot",
         "ember run, console agent",
         "qemu, console agent",
         "crun",
@@ -383,6 +384,10 @@ fn bench_exec_mode_runs_every_system_with_the_right_status() {
     assert!(!out.contains("not run:"), "{out}");
     assert!(out.contains("ember exec - ember console agent: "), "{out}");
     assert!(out.contains("qemu / ember, both console agent: "), "{out}");
+    assert!(
+        out.contains("ember exec --snapshot / ember exec: "),
+        "{out}"
+    );
 
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
