@@ -250,7 +250,7 @@ fn serial_sink(
     opts: &RunOptions,
     ctl: &Arc<VmControl>,
 ) -> Result<(Box<dyn Write + Send>, OutputDrain)> {
-    let sink: Box<dyn Write + Send> = match &opts.serial {
+    let sink: Box<dyn crate::console::Sink> = match &opts.serial {
         SerialMode::Stdio => Box::new(ConsoleOut::stdout().map_err(|source| VmmError::Open {
             path: "stdout".into(),
             source,
