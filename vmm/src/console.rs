@@ -9,10 +9,11 @@
 //!
 //! The queue and its thread are the slow path. When nothing is queued and the sink is a pipe or a
 //! socket (a program reading the console, `ember bench`), the vCPU thread writes the bytes itself
-//! with a write that fails instead of waiting (`RWF_NOWAIT`), then yields its CPU once in case
-//! the reader was woken there; only what that write cannot take goes to the queue. Waking the
-//! writer thread for every byte put a thread hand-off, and the scheduling delays of a second
-//! thread, between the guest's output and its reader.
+//! with a write that fails instead of waiting (`RWF_NOWAIT`); only what that write cannot take
+//! goes to the queue. Waking the writer thread for every byte put a thread hand-off, and the
+//! scheduling delays of a second thread, between the guest's output and its reader. The thread
+//! does not yield its CPU after such a write: on a busy host each yield gave the CPU away for a
+//! time slice, and the null guest's ready line came 35-50 ms after spawn instead of ~8.
 //!
 //! When the console's reader goes away (`ember run ... | head -1`, a closed terminal), nobody can
 //! see the guest any more: Ember ends the VM and exits 141, as a pipeline stage killed by SIGPIPE
@@ -233,15 +234,11 @@ impl Write for ConsoleOut {
             return Ok(buf.len());
         }
         let mut rest = buf;
-        let mut wrote = false;
         // Under the lock, with nothing queued and no chunk in the writer's hands: the bytes
         // cannot overtake earlier output.
         if let Some(fd) = self.nowait.filter(|_| st.bytes.is_empty() && !st.writing) {
             match write_nowait(fd, rest) {
-                Ok(n) => {
-                    wrote = n > 0;
-                    rest = &rest[n..];
-                }
+                Ok(n) => rest = &rest[n..],
                 // Full: the rest waits in the queue, and the next write tries again.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
                 // No such writes here (EOPNOTSUPP: a terminal, a file, an older kernel), or the
@@ -267,14 +264,6 @@ impl Write for ConsoleOut {
         drop(st);
         if !rest.is_empty() {
             self.queue.more.notify_one();
-        }
-        if wrote {
-            // The reader may have been woken on this CPU, where it waits until this thread
-            // leaves it, and on kvm_pvm the guest's next exit can be milliseconds of emulated
-            // code away (the bench's reader waited ~1.5 ms in a third of the runs). With nothing
-            // else to run here this returns at once.
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
         }
         Ok(buf.len())
     }
