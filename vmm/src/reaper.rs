@@ -6,7 +6,7 @@
 //! waits for another grace period. On a `kvm_pvm` host each costs 5-25 ms, several times the
 //! whole run of a small guest, and a process is not reported as exited before both are done.
 //!
-//! So right after creating the VM Ember starts a reaper: a process that shares Ember's address
+//! So once the VM's vCPUs run Ember starts a reaper: a process that shares Ember's address
 //! space (`CLONE_VM`, not a thread) and holds one more reference to the VM and nothing else.
 //! Ember then exits as soon as the guest is gone, as neither the VM nor the address space ends
 //! with it. The reaper waits on a pidfd until Ember's exit is complete and then exits itself, and
@@ -34,9 +34,9 @@ struct Start {
     filter: *const libc::sock_fprog,
 }
 
-/// Starts the reaper. Ember calls it right after creating the VM; the reaper makes only raw
-/// system calls, so the threads Ember starts later cannot disturb it. With `seccomp`, its first
-/// act is to put itself under `seccomp::reaper_filter()`.
+/// Starts the reaper. Ember calls it once the vCPUs run; the reaper makes only raw system calls
+/// and closes every descriptor but its two, so the other threads cannot disturb it. With
+/// `seccomp`, its first act is to put itself under `seccomp::reaper_filter()`.
 pub fn spawn(vm_fd: RawFd, seccomp: bool) -> io::Result<()> {
     // Built here, where allocating is fine, and never freed: the reaper reads it from memory it
     // shares with Ember, possibly after Ember has moved on.

@@ -161,8 +161,10 @@ fn plain_syscalls(kind: ThreadKind) -> Vec<i64> {
     ];
     match kind {
         // Port and MMIO exits run device code here: serial output goes to its sink (stdout or a
-        // file), interrupts and notifications are eventfd writes. Closing the vCPU fd at the end.
-        ThreadKind::Vcpu | ThreadKind::Console => {}
+        // file; to a pipe or socket with RWF_NOWAIT, see `console`), interrupts and notifications
+        // are eventfd writes. Closing the vCPU fd at the end.
+        ThreadKind::Vcpu => calls.push(libc::SYS_pwritev2),
+        ThreadKind::Console => {}
         ThreadKind::Main | ThreadKind::MainWithApi | ThreadKind::MainWithVsock => {
             calls.extend([
                 // The event loop and its eventfds, stdin.
@@ -661,6 +663,21 @@ mod tests {
             "{status:#x} {err}"
         );
         assert_eq!(err, "serial byte\n");
+
+        // Console output written straight to a pipe, never waiting (console.rs).
+        let (status, err) = in_filtered_child(ThreadKind::Vcpu, || unsafe {
+            let msg = b"no wait\n";
+            let iov = libc::iovec {
+                iov_base: msg.as_ptr() as *mut libc::c_void,
+                iov_len: msg.len(),
+            };
+            libc::pwritev2(2, &iov, 1, -1, libc::RWF_NOWAIT);
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x} {err}"
+        );
+        assert_eq!(err, "no wait\n");
 
         let (status, err) = in_filtered_child(ThreadKind::Disk, || unsafe {
             let ep = 0; // not an epoll fd: EBADF/EINVAL, but allowed

@@ -43,6 +43,12 @@ pub enum VcpuError {
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("cannot start the thread for vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
+    #[error("setting up vCPU {0}: {1}")]
+    Setup(u8, #[source] SetupError),
+    #[error("vCPU {0}: {1}")]
+    Seccomp(u8, #[source] crate::seccomp::SeccompError),
+    #[error("the thread for vCPU {0} ended before the guest started")]
+    ThreadGone(u8),
     #[error("the VM is not running")]
     NotRunning,
     #[error("the VM must be paused first")]
@@ -308,25 +314,6 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    pub fn spawn(
-        id: u8,
-        vcpu: VcpuFd,
-        pio: Bus,
-        mmio: Bus,
-        ctl: Arc<VmControl>,
-        seccomp: bool,
-    ) -> Result<Self, VcpuError> {
-        let (done_tx, done) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let _done = done_tx;
-                run_loop(id, vcpu, &pio, &mmio, &ctl, seccomp);
-            })
-            .map_err(|e| VcpuError::Spawn(id, e))?;
-        Ok(VcpuThread { handle, done })
-    }
-
     /// Kicks the thread out of `KVM_RUN` until it has seen the stop flag and ended. A kick can
     /// land just before the thread enters `KVM_RUN`, so it is repeated; a thread that does not end
     /// within `patience` is left behind (the process is about to exit anyway).
@@ -349,15 +336,193 @@ impl VcpuThread {
     }
 }
 
-fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, seccomp: bool) {
-    crate::signals::block_in_this_thread();
-    // Before the first guest instruction: from here on the guest drives this thread.
-    if seccomp {
-        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
-            ctl.request_exit(ExitReason::VcpuFailed(format!("vCPU {id}: {e}")));
+/// Why a [`VcpuPrepare`] failed.
+pub type SetupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a vCPU's own thread does to the vCPU before the guest first runs on it (a boot's CPUID,
+/// MSRs and registers, or a snapshot's saved state), while the main thread finishes the VM.
+pub type VcpuPrepare = Box<dyn FnOnce(&VcpuFd) -> Result<(), SetupError> + Send>;
+
+enum ToThread {
+    Run(Box<dyn FnOnce() + Send>),
+    Setup(VcpuFd, VcpuPrepare),
+    Go { pio: Bus, mmio: Bus },
+}
+
+/// A vCPU thread started before its vCPU exists. Starting a thread, building and installing its
+/// system call filter (the kernel compiles it: ~0.1 ms) and configuring a vCPU (~0.2 ms) all took
+/// time the main thread spent between the end of the VM's set-up and the guest's first
+/// instruction; done here, they overlap that set-up.
+pub struct PendingVcpu {
+    id: u8,
+    to_thread: mpsc::Sender<ToThread>,
+    ready: mpsc::Receiver<Result<(), VcpuError>>,
+    /// The set-up's report has been taken already (by `check`): `start` does not wait again.
+    checked: bool,
+    thread: VcpuThread,
+}
+
+impl PendingVcpu {
+    /// Starts vCPU `id`'s thread, which waits for [`PendingVcpu::setup`]. With `seccomp`, its
+    /// filter goes on once the vCPU is set up, before the guest runs.
+    pub fn spawn(id: u8, ctl: Arc<VmControl>, seccomp: bool) -> Result<Self, VcpuError> {
+        let (done_tx, done) = mpsc::channel();
+        let (to_thread, from_main) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        // SAFETY: sched_getcpu has no preconditions.
+        let spawner_cpu = unsafe { libc::sched_getcpu() };
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let _done = done_tx;
+                move_off_cpu(spawner_cpu);
+                crate::signals::block_in_this_thread();
+                let Some(vcpu) = prepare(id, seccomp, &from_main, &ready_tx) else {
+                    return;
+                };
+                // The owner has dropped its end if the VM is not to run after all.
+                let Ok(ToThread::Go { pio, mmio }) = from_main.recv() else {
+                    return;
+                };
+                run_loop(id, vcpu, &pio, &mmio, &ctl);
+            })
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        // The scheduler often queued the new thread on this CPU, where it waited until this one
+        // blocked (the VM's set-up keeps it busy inside KVM): yielding once lets it start now and
+        // move itself (`move_off_cpu`). With the thread elsewhere this returns at once.
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+        Ok(PendingVcpu {
+            id,
+            to_thread,
+            ready,
+            checked: false,
+            thread: VcpuThread { handle, done },
+        })
+    }
+
+    /// Has the thread run `work` while it waits for its vCPU (so before [`PendingVcpu::setup`]):
+    /// set-up work for the VM that needs no vCPU. Returns at once.
+    pub fn run(&self, work: Box<dyn FnOnce() + Send>) -> Result<(), VcpuError> {
+        self.to_thread
+            .send(ToThread::Run(work))
+            .map_err(|_| VcpuError::ThreadGone(self.id))
+    }
+
+    /// Hands the thread its vCPU and what to do to it before the guest runs. Returns at once.
+    pub fn setup(&self, vcpu: VcpuFd, prepare: VcpuPrepare) -> Result<(), VcpuError> {
+        self.to_thread
+            .send(ToThread::Setup(vcpu, prepare))
+            .map_err(|_| VcpuError::ThreadGone(self.id))
+    }
+
+    /// Waits until the thread has set its vCPU up and put its filter on, or says why it could
+    /// not: for a caller that must know before it answers anyone (a snapshot load).
+    pub fn check(&mut self) -> Result<(), VcpuError> {
+        self.checked = true;
+        self.ready
+            .recv()
+            .map_err(|_| VcpuError::ThreadGone(self.id))?
+    }
+
+    /// Lets the guest run on the vCPU, with these buses, as soon as the thread has set it up and
+    /// put its filter on; returns once it has, or why it could not. Go is sent first so that the
+    /// thread, finishing, finds it waiting instead of being woken for it.
+    pub fn start(self, pio: Bus, mmio: Bus) -> Result<VcpuThread, VcpuError> {
+        // A thread that failed its set-up has gone, and its report says why.
+        let _ = self.to_thread.send(ToThread::Go { pio, mmio });
+        if !self.checked {
+            self.ready
+                .recv()
+                .map_err(|_| VcpuError::ThreadGone(self.id))??;
+        }
+        Ok(self.thread)
+    }
+}
+
+/// Moves the calling thread to a CPU other than `cpu` when it may run on one, then lets it run
+/// wherever it may again (its own mask, as the user or a cgroup set it): a hint, not a pin. Left
+/// next to the thread that started it, a vCPU thread's set-up waited for that thread instead of
+/// overlapping its work.
+fn move_off_cpu(cpu: libc::c_int) {
+    if cpu < 0 {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; the calls read and write the calling thread's mask.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(0, size, &mut allowed) != 0 {
             return;
         }
+        let mut elsewhere = allowed;
+        libc::CPU_CLR(cpu as usize, &mut elsewhere);
+        if libc::CPU_COUNT(&elsewhere) == 0 {
+            return;
+        }
+        if libc::sched_setaffinity(0, size, &elsewhere) == 0 {
+            libc::sched_setaffinity(0, size, &allowed);
+        }
     }
+}
+
+/// A pending vCPU thread's set-up: runs the work it is given, builds its filter while it has
+/// nothing else to do, takes its vCPU and prepares it, then puts the filter on. Returns the vCPU
+/// once it may run; every failure is reported on `ready` instead.
+fn prepare(
+    id: u8,
+    seccomp: bool,
+    from_main: &mpsc::Receiver<ToThread>,
+    ready: &mpsc::Sender<Result<(), VcpuError>>,
+) -> Option<VcpuFd> {
+    let kind = crate::seccomp::ThreadKind::Vcpu;
+    let build = || crate::seccomp::filter(kind).map_err(|e| VcpuError::Seccomp(id, e));
+    let result = (|| {
+        let mut program = None;
+        let (vcpu, prepare) = loop {
+            let message = match from_main.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::TryRecvError::Empty) if seccomp && program.is_none() => {
+                    program = Some(build()?);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    from_main.recv().map_err(|_| VcpuError::ThreadGone(id))?
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return Err(VcpuError::ThreadGone(id)),
+            };
+            match message {
+                ToThread::Run(work) => work(),
+                ToThread::Setup(vcpu, prepare) => break (vcpu, prepare),
+                ToThread::Go { .. } => return Err(VcpuError::ThreadGone(id)),
+            }
+        };
+        prepare(&vcpu).map_err(|e| VcpuError::Setup(id, e))?;
+        if seccomp {
+            let program = match program {
+                Some(program) => program,
+                None => build()?,
+            };
+            crate::seccomp::apply(kind, &program).map_err(|e| VcpuError::Seccomp(id, e))?;
+            log::debug!("seccomp: vCPU {id} thread filter installed");
+        }
+        Ok(vcpu)
+    })();
+    match result {
+        Ok(vcpu) => {
+            let _ = ready.send(Ok(()));
+            Some(vcpu)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            None
+        }
+    }
+}
+
+/// The guest's side of the thread; its filter is on already (`prepare`), as the guest drives
+/// the thread from the first instruction.
+fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl) {
     if id == 0 {
         timeline::mark(Phase::FirstKvmRun);
     }
@@ -444,5 +609,178 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, ctl: &VmControl, se
                 }
             }
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{Kvm, VmFd};
+
+    /// A VM with 64 KiB of memory holding real-mode `code` at 0x1000.
+    fn vm_with_code(code: &[u8]) -> (Kvm, VmFd) {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let size = 64 << 10;
+        // SAFETY: a fresh anonymous mapping, left mapped for the rest of the test process.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        // SAFETY: the mapping is `size` bytes and nothing else uses it yet.
+        let guest = unsafe { std::slice::from_raw_parts_mut(mem.cast::<u8>(), size) };
+        guest[0x1000..0x1000 + code.len()].copy_from_slice(code);
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: size as u64,
+            userspace_addr: mem as u64,
+        };
+        // SAFETY: the region stays mapped for the life of the process.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        (kvm, vm)
+    }
+
+    fn real_mode_at_0x1000(vcpu: &VcpuFd) -> Result<(), SetupError> {
+        let mut sregs = vcpu.get_sregs()?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs)?;
+        let mut regs = vcpu.get_regs()?;
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    struct Port(Arc<Mutex<Vec<u8>>>);
+    impl ember_devices::BusDevice for Port {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, data: &[u8]) {
+            self.0.lock().unwrap().extend_from_slice(data);
+        }
+    }
+
+    #[test]
+    fn a_pending_vcpu_runs_the_guest_once_set_up_and_started() {
+        // mov dx, 0x3f8; mov al, 'A'; out dx, al; hlt
+        let (_kvm, vm) = vm_with_code(&[0xba, 0xf8, 0x03, 0xb0, 0x41, 0xee, 0xf4]);
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let pending = PendingVcpu::spawn(0, ctl.clone(), false).unwrap();
+        pending
+            .setup(vm.create_vcpu(0).unwrap(), Box::new(real_mode_at_0x1000))
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, Arc::new(Mutex::new(Port(out.clone()))))
+            .unwrap();
+        let thread = pending.start(pio, Bus::new()).unwrap();
+        // Without an irqchip the halt comes back to the thread, which ends the VM.
+        assert_eq!(wait_for_end(&ctl), Some(ExitReason::Poweroff));
+        thread.stop(Duration::from_secs(1));
+        assert_eq!(*out.lock().unwrap(), b"A");
+    }
+
+    /// Waits up to 10 s for the VM to end.
+    fn wait_for_end(ctl: &VmControl) -> Option<ExitReason> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctl.reason().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ctl.reason()
+    }
+
+    #[test]
+    fn a_pending_vcpu_started_paused_runs_nothing_until_resumed() {
+        // mov dx, 0x3f8; mov al, 'A'; out dx, al; hlt
+        let (_kvm, vm) = vm_with_code(&[0xba, 0xf8, 0x03, 0xb0, 0x41, 0xee, 0xf4]);
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let mut pending = PendingVcpu::spawn(0, ctl.clone(), false).unwrap();
+        pending
+            .setup(vm.create_vcpu(0).unwrap(), Box::new(real_mode_at_0x1000))
+            .unwrap();
+        pending.check().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, Arc::new(Mutex::new(Port(out.clone()))))
+            .unwrap();
+        // As a snapshot loaded without resume_vm: parked before its first instruction.
+        ctl.request_pause();
+        let thread = pending.start(pio, Bus::new()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctl.pause_state().parked == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ctl.pause_state().parked, 1);
+        assert!(out.lock().unwrap().is_empty());
+        ctl.resume();
+        assert_eq!(wait_for_end(&ctl), Some(ExitReason::Poweroff));
+        thread.stop(Duration::from_secs(1));
+        assert_eq!(*out.lock().unwrap(), b"A");
+    }
+
+    #[test]
+    fn a_failed_set_up_is_reported_by_check_before_anything_starts() {
+        let (_kvm, vm) = vm_with_code(&[0xf4]);
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let mut pending = PendingVcpu::spawn(1, ctl.clone(), false).unwrap();
+        pending
+            .setup(
+                vm.create_vcpu(0).unwrap(),
+                Box::new(|_| Err("the saved LAPIC does not fit".into())),
+            )
+            .unwrap();
+        let err = pending.check().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting up vCPU 1: the saved LAPIC does not fit"
+        );
+        assert_eq!(ctl.reason(), None);
+    }
+
+    #[test]
+    fn a_failed_set_up_is_reported_by_start_and_the_guest_never_runs() {
+        let (_kvm, vm) = vm_with_code(&[0xf4]);
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let pending = PendingVcpu::spawn(3, ctl.clone(), false).unwrap();
+        pending
+            .setup(
+                vm.create_vcpu(0).unwrap(),
+                Box::new(|_| Err("no CPUID for this vCPU".into())),
+            )
+            .unwrap();
+        let err = pending.start(Bus::new(), Bus::new()).err().unwrap();
+        assert!(matches!(err, VcpuError::Setup(3, _)), "{err:?}");
+        assert_eq!(err.to_string(), "setting up vCPU 3: no CPUID for this vCPU");
+        assert_eq!(ctl.reason(), None);
+    }
+
+    #[test]
+    fn a_pending_vcpu_never_set_up_ends_with_its_owner() {
+        let ctl = Arc::new(VmControl::new().unwrap());
+        let pending = PendingVcpu::spawn(0, ctl, false).unwrap();
+        let PendingVcpu {
+            thread,
+            to_thread,
+            ready,
+            ..
+        } = pending;
+        drop((to_thread, ready));
+        // Its channel from the main thread is gone: the thread returns without a vCPU.
+        assert!(matches!(
+            thread.done.recv_timeout(Duration::from_secs(10)),
+            Err(RecvTimeoutError::Disconnected)
+        ));
+        thread.handle.join().unwrap();
     }
 }
