@@ -366,6 +366,9 @@ impl PendingVcpu {
     /// Starts vCPU `id`'s thread, which waits for [`PendingVcpu::setup`]. With `seccomp`, its
     /// filter goes on once the vCPU is set up, before the guest runs.
     pub fn spawn(id: u8, ctl: Arc<VmControl>, seccomp: bool) -> Result<Self, VcpuError> {
+        // Before the thread exists: a kick (a stop, a pause) may come as soon as it does, and
+        // the kick signal's default action would end the whole process.
+        install_kick_handler()?;
         let (done_tx, done) = mpsc::channel();
         let (to_thread, from_main) = mpsc::channel();
         let (ready_tx, ready) = mpsc::channel();

@@ -863,7 +863,6 @@ impl Vmm {
 
     /// Starts the vCPU threads; the guest runs from here.
     fn start(&mut self) -> Result<()> {
-        vcpu::install_kick_handler()?;
         for pending in std::mem::take(&mut self.pending_vcpus) {
             self.vcpus
                 .push(pending.start(self.devices.pio.clone(), self.devices.mmio.clone())?);
