@@ -11,6 +11,12 @@
 //! connection and waits for the next. `ember exec --snapshot` pings before it snapshots a VM:
 //! the answer says the agent listens on its port and will accept the next connection.
 //!
+//! Who connects: the agent, as soon as it listens, connects once to the host's port
+//! [`AGENT_PORT`] (the vsock device hands that to `<uds>_52` on the host, where `ember exec`
+//! waits), and the host sends its request or ping on that connection; any later connection is
+//! the host's (`CONNECT 52`), as after a restore from a snapshot, whose guest went on from
+//! listening.
+//!
 //! Frames are at most [`MAX_FRAME`] bytes, so a reader never has to hold more than that.
 //!
 //! Without vsock (console mode, [`CONSOLE_FLAG`]) the outcome travels as one console line,
@@ -20,7 +26,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-/// The guest port the agent listens on.
+/// The guest port the agent listens on, and the host port it connects to when it starts.
 pub const AGENT_PORT: u32 = 52;
 pub const FRAME_STDOUT: u8 = 1;
 pub const FRAME_STDERR: u8 = 2;

@@ -5,6 +5,7 @@
 //! (`exec_client`). The command's output comes back on Ember's stdout and stderr as it is
 //! written, and Ember exits with the command's status (or one of `exec_client`'s own).
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,9 +59,12 @@ pub enum ExecError {
 }
 
 /// The guest's kernel command line (Ember adds its device and host words). `quiet`: on a host
-/// where the guest kernel is emulated, each console line costs.
+/// where the guest kernel is emulated, each console line costs. `clocksource=kvm-clock`: a VM
+/// restored from a snapshot gets its clock back from the saved kvm-clock, where the TSC may not
+/// follow (kvm_pvm gives guests the host's TSC unchanged), and a guest timing itself by the TSC
+/// would find its clock leapt by the snapshot's age and catch up on every timer it missed.
 pub const GUEST_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off quiet ember.agent.root=/dev/vda";
+    "console=ttyS0 reboot=k panic=1 pci=off quiet clocksource=kvm-clock ember.agent.root=/dev/vda";
 
 pub struct ExecOptions {
     pub kernel: Option<PathBuf>,
@@ -153,6 +157,14 @@ impl Scratch {
     pub(crate) fn uds(&self) -> PathBuf {
         self.0.join("vsock")
     }
+
+    /// Where a booted agent's own connection arrives, bound before the VM runs.
+    pub(crate) fn agent_listener(&self) -> Result<UnixListener, ExecError> {
+        exec_client::agent_listener(&self.uds()).map_err(|source| ExecError::Scratch {
+            path: self.0.clone(),
+            source,
+        })
+    }
 }
 
 impl Drop for Scratch {
@@ -208,8 +220,23 @@ pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
         return crate::exec_snapshot::exec(dir, &opts, &inputs, deadline);
     }
     let scratch = Scratch::new()?;
+    let listener = scratch.agent_listener()?;
     let cfg = boot_config(&opts, &inputs, &scratch.uds())?;
-    drive(Vmm::build(&cfg)?, &scratch.uds(), &opts, deadline)
+    drive(
+        Vmm::build(&cfg)?,
+        &scratch.uds(),
+        Agent::Dials(listener),
+        &opts,
+        deadline,
+    )
+}
+
+/// How [`drive`] reaches the agent.
+pub(crate) enum Agent {
+    /// A booted VM's agent connects here when it starts listening.
+    Dials(UnixListener),
+    /// A restored VM's agent has been listening since before the snapshot: `CONNECT 52`.
+    Listens,
 }
 
 /// Runs the VM (booted or restored), sends the command to its agent through the vsock socket
@@ -217,6 +244,7 @@ pub fn exec(opts: ExecOptions) -> Result<u8, ExecError> {
 pub(crate) fn drive(
     mut vmm: Vmm,
     uds: &std::path::Path,
+    agent: Agent,
     opts: &ExecOptions,
     deadline: Option<Instant>,
 ) -> Result<u8, ExecError> {
@@ -247,7 +275,11 @@ pub(crate) fn drive(
         env: opts.env.clone(),
         cwd: opts.cwd.clone(),
     };
-    let outcome = exec_client::connect(uds, patience, alive).and_then(|conn| {
+    let conn = match &agent {
+        Agent::Dials(listener) => exec_client::accept_agent(listener, patience, alive),
+        Agent::Listens => exec_client::connect(uds, patience, alive),
+    };
+    let outcome = conn.and_then(|conn| {
         // When the VM ends (time limit, signal, crash), nothing more comes: stop reading.
         let watch = conn.try_clone().ok();
         let ctl = ctl.clone();

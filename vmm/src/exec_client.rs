@@ -1,9 +1,10 @@
-//! The host side of `ember exec`'s conversation with the guest agent: reach it through the vsock
-//! device's Unix socket (`CONNECT 52` / `OK <port>`), send the command, copy its output to
+//! The host side of `ember exec`'s conversation with the guest agent: take the connection the
+//! agent makes when it starts (a booted VM), or reach it through the vsock device's Unix socket
+//! (`CONNECT 52` / `OK <port>`, a restored one), send the command, copy its output to
 //! Ember's stdout and stderr as frames arrive, and turn how it ended into Ember's exit status.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,46 @@ fn connect_once(uds: &Path) -> io::Result<UnixStream> {
     Ok(s)
 }
 
+/// Where the agent's own connection arrives: the vsock device hands a guest's connection to
+/// host port P to `<uds>_P`. Bound before the VM runs, so the agent never finds it missing.
+pub fn agent_listener(uds: &Path) -> io::Result<UnixListener> {
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{AGENT_PORT}"));
+    UnixListener::bind(path)
+}
+
+/// Waits for the agent's connection on `listener` (it connects as soon as it listens), for up
+/// to `patience` and while `alive` says the VM runs. The wait costs the guest nothing: the host
+/// tries nothing while the guest boots.
+pub fn accept_agent(
+    listener: &UnixListener,
+    patience: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<UnixStream, ClientError> {
+    let start = Instant::now();
+    let gave_up = |start: Instant| ClientError::NoAgent(start.elapsed());
+    listener.set_nonblocking(true).map_err(|_| gave_up(start))?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .map_err(ember_agent::ProtoError::Io)?;
+                return Ok(s);
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                if start.elapsed() >= patience || !alive() {
+                    return Err(gave_up(start));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return Err(gave_up(start)),
+        }
+    }
+}
+
 /// Connects to the agent, retrying until `deadline` while the guest boots; `alive` says whether
 /// the VM still runs (no point waiting for a guest that ended).
 pub fn connect(
@@ -82,21 +123,11 @@ pub fn connect(
     }
 }
 
-/// Waits until the agent answers a ping (the guest booted, and the agent listens and will
-/// accept the next connection); returns its version. Retries like [`connect`].
-pub fn ping(
-    uds: &Path,
-    patience: Duration,
-    alive: impl Fn() -> bool,
-) -> Result<String, ClientError> {
-    let start = Instant::now();
-    let mut conn = connect(uds, patience, &alive)?;
-    conn.set_read_timeout(Some(
-        patience
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_secs(1)),
-    ))
-    .map_err(ember_agent::ProtoError::Io)?;
+/// Pings the agent on `conn` (the agent then listens and will accept the next connection);
+/// returns its version.
+pub fn ping(mut conn: UnixStream, patience: Duration) -> Result<String, ClientError> {
+    conn.set_read_timeout(Some(patience.max(Duration::from_secs(1))))
+        .map_err(ember_agent::ProtoError::Io)?;
     ember_agent::write_ping(&mut conn)?;
     match ember_agent::read_frame(&mut conn)? {
         Some(Frame::Ready(version)) => Ok(version),

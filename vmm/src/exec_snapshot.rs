@@ -7,7 +7,7 @@
 //!
 //! A run that finds no snapshot makes one: it takes `DIR/lock` (an exclusive `flock`; other
 //! runs wait there, within their time limit), boots the VM as a plain `ember exec` does in a
-//! child process, waits until the agent answers a ping over vsock (it then listens on its port
+//! child process, takes the agent's connection and pings it (the agent then listens on its port
 //! and will accept the next connection), pauses the VM, snapshots it into `DIR/.new-<pid>/`,
 //! stops it, writes the manifest, and renames that directory to `DIR/snapshot`. The rename is
 //! the only step that makes a snapshot visible, so an interrupted or failed creation leaves
@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunOptions;
-use crate::exec::{ExecError, ExecOptions, Inputs, Scratch};
-use crate::exec_client::{EXIT_NO_AGENT, EXIT_TIMEOUT};
+use crate::exec::{Agent, ExecError, ExecOptions, Inputs, Scratch};
+use crate::exec_client::{self, EXIT_NO_AGENT, EXIT_TIMEOUT};
 use crate::vmm::Vmm;
 
 /// The manifest's own layout; a manifest of another is a mismatch.
@@ -210,7 +210,7 @@ pub(crate) fn exec(
         dir: dir.to_path_buf(),
         reason: crate::error_line(&e),
     })?;
-    crate::exec::drive(vmm, &scratch.uds(), opts, deadline)
+    crate::exec::drive(vmm, &scratch.uds(), Agent::Listens, opts, deadline)
 }
 
 fn read_manifest(dir: &Path, current: &Path) -> Result<Manifest, SnapshotDirError> {
@@ -383,6 +383,7 @@ fn boot_and_snapshot(
         reason,
     };
     let scratch = Scratch::new()?;
+    let listener = scratch.agent_listener()?;
     let cfg = crate::exec::boot_config(opts, inputs, &scratch.uds())?;
     let mut vmm = Vmm::build(&cfg)?;
     vmm.defer_teardown();
@@ -404,7 +405,9 @@ fn boot_and_snapshot(
             .unwrap_or("no reason given")
             .to_string()
     };
-    let result = crate::exec_client::ping(&scratch.uds(), patience, || ctl.exit_reason().is_none())
+    let start = Instant::now();
+    let result = exec_client::accept_agent(&listener, patience, || ctl.exit_reason().is_none())
+        .and_then(|conn| exec_client::ping(conn, patience.saturating_sub(start.elapsed())))
         .map_err(|e| failed(format!("the agent never answered: {e}")))
         .and_then(|_version| {
             let paused = api.call(Action::Pause);
