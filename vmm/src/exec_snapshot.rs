@@ -322,6 +322,7 @@ fn boot_in_child(
     inputs: &Inputs,
     deadline: Option<Instant>,
 ) -> Result<Option<u8>, SnapshotDirError> {
+    crate::vmm::warn_about_host();
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: `ember exec` has started no thread yet, so the child is a whole copy of this one.

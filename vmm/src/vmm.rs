@@ -119,15 +119,24 @@ pub fn open_kvm() -> Result<Kvm> {
             return Err(VmmError::MissingCap(name));
         }
     }
-    if HostKind::detect() == HostKind::Pvm {
-        eprintln!(
-            "ember: warning: /dev/kvm is kvm_pvm (KVM in software, no hardware virtualization): \
-             guest kernel (ring-0) code is emulated, thousands of times slower; guest user \
-             (ring-3) code runs at native speed. Ember adds the kernel words this host needs \
-             (EMBER_LOG=info lists them)"
-        );
-    }
+    warn_about_host();
     Ok(kvm)
+}
+
+/// Says once per process what kind of KVM this is, when it is not hardware KVM. A process that
+/// forks a VM's builder calls it first, so the child inherits "said" and one run warns once.
+pub fn warn_about_host() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        if HostKind::detect() == HostKind::Pvm {
+            eprintln!(
+                "ember: warning: /dev/kvm is kvm_pvm (KVM in software, no hardware \
+                 virtualization): guest kernel (ring-0) code is emulated, thousands of times \
+                 slower; guest user (ring-3) code runs at native speed. Ember adds the kernel \
+                 words this host needs (EMBER_LOG=info lists them)"
+            );
+        }
+    });
 }
 
 fn host_ram() -> Option<u64> {
