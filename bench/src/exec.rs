@@ -33,7 +33,7 @@ use crate::restore::Scratch;
 use crate::stats::{percentile, Summary};
 use crate::systems::{self, shell_quote, Bundle, Kind, Skipped, System};
 use crate::trial::{self, Ending, Trial};
-use crate::{ms, require, rotation, with_host_words, BenchError, Inputs, Progress};
+use crate::{ms, require, run_rounds, with_host_words, BenchError, Inputs, Progress, Rounds};
 
 /// Row labels: the report, the JSON and the tests find the rows by them.
 pub const EXEC: &str = "ember exec";
@@ -416,17 +416,18 @@ pub(crate) fn run(p: &Params<'_>) -> Result<ExecResult, BenchError> {
             failures: vec![],
         })
         .collect();
-    let total = p.rounds as usize * plans.len();
-    for (done, round, i) in rotation(p.rounds, plans.len()) {
-        let plan = &plans[i];
-        progress.bar(
-            done,
-            total,
-            &format!("exec round {}/{}: {}", round + 1, p.rounds, plan.label),
-        );
-        let id = format!("{}-x{round}-{i}", std::process::id());
-        let row = &mut rows[i];
-        match run_once(plan, &id, p.timeout) {
+    let each = Rounds {
+        what: "exec round",
+        tag: "x",
+        rounds: p.rounds,
+    };
+    run_rounds(
+        &mut progress,
+        each,
+        &plans,
+        &mut rows,
+        |pl| pl.label.clone(),
+        |plan, row, id| match run_once(plan, id, p.timeout) {
             Ok(t) => {
                 if let Some(r) = t.ready {
                     row.line_ms.push(ms(r));
@@ -435,11 +436,11 @@ pub(crate) fn run(p: &Params<'_>) -> Result<ExecResult, BenchError> {
                 row.rss_kib.push(t.max_rss_kib as f64);
             }
             Err(reason) => {
-                plan.system.cleanup(&id);
+                plan.system.cleanup(id);
                 row.failures.push(reason);
             }
-        }
-    }
+        },
+    );
     progress.done();
     drop(bundle);
 

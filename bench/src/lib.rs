@@ -592,43 +592,46 @@ fn run_mode(
             failures: vec![],
         })
         .collect();
-    let total = rounds as usize * systems.len();
-    for (done, round, i) in rotation(rounds, systems.len()) {
-        let sys = &systems[i];
-        progress.bar(
-            done,
-            total,
-            &format!("round {}/{rounds}: {}", round + 1, sys.name()),
-        );
-        let id = format!("{}-{round}-{i}", std::process::id());
-        let res = &mut results[i];
-        match trial::run(&sys.spec(&id, &guest.marker, timeout, guest.stop_at_ready)) {
-            Ok(t) if t.ok() => {
-                let timeline = phases::parse(&t.stderr);
-                if sys.kind == Kind::Ember && timeline.is_none() {
-                    res.failures.push("no --timings=json line on stderr".into());
-                } else {
-                    res.ready_ms.push(ms(t.ready.unwrap_or_default()));
-                    // A VMM we stopped has no exit time of its own.
-                    if !t.stopped {
-                        res.exit_ms.push(ms(t.exit));
-                    }
-                    res.rss_kib.push(t.max_rss_kib as f64);
-                    if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
-                        res.timelines.push(tl);
+    let each = Rounds {
+        what: "round",
+        tag: "",
+        rounds,
+    };
+    run_rounds(
+        &mut progress,
+        each,
+        &systems,
+        &mut results,
+        |s| s.name().to_string(),
+        |sys, res, id| {
+            match trial::run(&sys.spec(id, &guest.marker, timeout, guest.stop_at_ready)) {
+                Ok(t) if t.ok() => {
+                    let timeline = phases::parse(&t.stderr);
+                    if sys.kind == Kind::Ember && timeline.is_none() {
+                        res.failures.push("no --timings=json line on stderr".into());
+                    } else {
+                        res.ready_ms.push(ms(t.ready.unwrap_or_default()));
+                        // A VMM we stopped has no exit time of its own.
+                        if !t.stopped {
+                            res.exit_ms.push(ms(t.exit));
+                        }
+                        res.rss_kib.push(t.max_rss_kib as f64);
+                        if let Some(tl) = timeline.filter(|_| sys.kind == Kind::Ember) {
+                            res.timelines.push(tl);
+                        }
                     }
                 }
+                Ok(t) => {
+                    sys.cleanup(id);
+                    res.failures.push(t.failure());
+                }
+                Err(e) => {
+                    sys.cleanup(id);
+                    res.failures.push(e.to_string());
+                }
             }
-            Ok(t) => {
-                sys.cleanup(&id);
-                res.failures.push(t.failure());
-            }
-            Err(e) => {
-                sys.cleanup(&id);
-                res.failures.push(e.to_string());
-            }
-        }
-    }
+        },
+    );
 
     // Own memory of the VMMs, from an interactive guest (see memory.rs).
     let mut mem = Vec::new();
@@ -866,6 +869,38 @@ pub(crate) fn rotation(rounds: u32, n: usize) -> impl Iterator<Item = (usize, us
         .flat_map(move |round| (0..n).map(move |k| (round, (k + round) % n)))
         .enumerate()
         .map(|(done, (round, i))| (done, round, i))
+}
+
+/// A mode's timed rounds: `what` names them on the progress line, `tag` keeps their run ids
+/// apart from other modes'.
+pub(crate) struct Rounds<'a> {
+    pub what: &'a str,
+    pub tag: &'a str,
+    pub rounds: u32,
+}
+
+/// Runs `r.rounds` rounds over `plans` in [`rotation`]'s order, with the progress bar:
+/// `run(plan, result, id)` runs one plan once and records how it went in its result
+/// (`results[i]` is `plans[i]`'s).
+pub(crate) fn run_rounds<P, R>(
+    progress: &mut Progress,
+    r: Rounds<'_>,
+    plans: &[P],
+    results: &mut [R],
+    name: impl Fn(&P) -> String,
+    mut run: impl FnMut(&P, &mut R, &str),
+) {
+    let total = r.rounds as usize * plans.len();
+    for (done, round, i) in rotation(r.rounds, plans.len()) {
+        let plan = &plans[i];
+        progress.bar(
+            done,
+            total,
+            &format!("{} {}/{}: {}", r.what, round + 1, r.rounds, name(plan)),
+        );
+        let id = format!("{}-{}{round}-{i}", std::process::id(), r.tag);
+        run(plan, &mut results[i], &id);
+    }
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {

@@ -30,7 +30,7 @@ use crate::memory::{self, GuestRam, VmmMemory};
 use crate::phases;
 use crate::systems::{self, Bundle, Guest, Kind, Skipped, System};
 use crate::trial::{self, Ending, Pipe, Spec, Trial};
-use crate::{ms, rotation, BenchError, Inputs, Progress, SystemResult};
+use crate::{ms, run_rounds, BenchError, Inputs, Progress, Rounds, SystemResult};
 
 /// Row labels: the report, the JSON and the tests find the rows by them.
 pub const RESTORE: &str = "ember restore";
@@ -442,38 +442,41 @@ pub(crate) fn run(guest: &RestoreGuest, p: &Params<'_>) -> Result<RestoreResult,
             load_ms: vec![],
         })
         .collect();
-    let total = p.rounds as usize * plans.len();
-    for (done, round, i) in rotation(p.rounds, plans.len()) {
-        let plan = &plans[i];
-        progress.bar(
-            done,
-            total,
-            &format!("restore round {}/{}: {}", round + 1, p.rounds, plan.label),
-        );
-        let id = format!("{}-r{round}-{i}", std::process::id());
-        let row = &mut rows[i];
-        match run_once(plan, &ctx, &id).and_then(|o| good(plan, &o).map(|tl| (o, tl))) {
-            Ok((o, timeline)) => {
-                let res = &mut row.result;
-                res.ready_ms.push(ms(o.trial.ready.unwrap_or_default()));
-                // Stopped at the line (SIGTERM), the exit is still Ember's own way out.
-                res.exit_ms.push(ms(o.trial.exit));
-                res.rss_kib.push(o.trial.max_rss_kib as f64);
-                if let Some(tl) = timeline {
-                    res.timelines.push(tl);
+    let each = Rounds {
+        what: "restore round",
+        tag: "r",
+        rounds: p.rounds,
+    };
+    run_rounds(
+        &mut progress,
+        each,
+        &plans,
+        &mut rows,
+        |pl| pl.label.clone(),
+        |plan, row, id| {
+            match run_once(plan, &ctx, id).and_then(|o| good(plan, &o).map(|tl| (o, tl))) {
+                Ok((o, timeline)) => {
+                    let res = &mut row.result;
+                    res.ready_ms.push(ms(o.trial.ready.unwrap_or_default()));
+                    // Stopped at the line (SIGTERM), the exit is still Ember's own way out.
+                    res.exit_ms.push(ms(o.trial.exit));
+                    res.rss_kib.push(o.trial.max_rss_kib as f64);
+                    if let Some(tl) = timeline {
+                        res.timelines.push(tl);
+                    }
+                    if let Some(l) = o.load_ms {
+                        row.load_ms.push(l);
+                    }
                 }
-                if let Some(l) = o.load_ms {
-                    row.load_ms.push(l);
+                Err(reason) => {
+                    if let Launch::Peer(s) = &plan.launch {
+                        s.cleanup(id);
+                    }
+                    row.result.failures.push(reason);
                 }
             }
-            Err(reason) => {
-                if let Launch::Peer(s) = &plan.launch {
-                    s.cleanup(&id);
-                }
-                row.result.failures.push(reason);
-            }
-        }
-    }
+        },
+    );
 
     let mut mem = Vec::new();
     for plan in &plans {
