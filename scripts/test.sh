@@ -31,10 +31,12 @@ if [ "$status" -eq 0 ]; then scripts/fuzz.sh "${EMBER_FUZZ_SECONDS:-20}"; fi
 # test fails the run through $status anyway.
 passed=$(grep -oE '^test (bench|bench_cli|blk|cli|console|control|exec|guests|hardening|kernels|microvm_kernel|snapshot|vsock)::[a-z0-9_]+ \.\.\. ' "$log" | wc -l)
 skipped=$(grep -oE 'SKIPPED [a-z0-9_]+:' "$log" | wc -l)
+reduced=$(grep -oE 'REDUCED [a-z0-9_]+:' "$log" | wc -l)
 runs=$(wc -l <"$boots")
 booted=$(grep -c '"first_serial_byte":[0-9]' "$boots" || true)
 echo
 echo "ember tests: $passed integration tests ran, $skipped of them skipped (see SKIPPED lines above)"
+echo "ember tests: $reduced ran a smaller case than on hardware KVM (see REDUCED lines above)"
 echo "ember tests: $runs ember runs, $booted guests booted (wrote to their console)"
 echo "ember tests: deps+kit+kernel $((t1 - t0)) s, build+tests $((t2 - t1)) s"
 if [ "$status" -ne 0 ]; then

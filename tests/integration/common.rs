@@ -75,6 +75,17 @@ pub fn skip_unless_hardware_kvm(test: &str, why: &str) -> bool {
     false
 }
 
+/// Says loudly that a test runs a smaller case here than on hardware KVM, and which; the test
+/// command counts these lines beside the skips.
+pub fn reduced_on_pvm(test: &str, what: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "REDUCED {test}: this host's /dev/kvm is kvm_pvm (KVM in software): {what}. The full \
+         case runs on hardware KVM."
+    );
+}
+
 /// A file of Ember's microVM kernel (scripts/microvm-kernel.sh builds it).
 pub fn microvm_kernel(name: &str) -> PathBuf {
     let dir = std::env::var_os("EMBER_MICROVM_KERNEL").map_or_else(

@@ -502,6 +502,15 @@ fn check_guest_report(g: &mut Guest, what: &str, up: (u64, f64, u64), down: (u64
 fn linux_carries_streams_both_ways_on_host_and_guest_initiated_connections() {
     const TEST: &str = "linux_carries_streams_both_ways_on_host_and_guest_initiated_connections";
     let n = bytes_each_way();
+    if n < 64 << 20 {
+        common::reduced_on_pvm(
+            TEST,
+            &format!(
+                "{} MiB each way, not 64 (the emulated guest kernel moves ~0.5 MB/s)",
+                n >> 20
+            ),
+        );
+    }
     let kernel = microvm_kernel("vmlinux");
     let config = std::fs::read_to_string(microvm_kernel("config")).unwrap();
     assert!(
