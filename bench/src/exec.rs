@@ -457,10 +457,9 @@ pub(crate) fn run(p: &Params<'_>) -> Result<ExecResult, BenchError> {
                 .into(),
         );
         notes.push(
-            "kvm_pvm host: a guest reads the host's own TSC (KVM cannot offset it here), so a \
-             restored guest's clock leaps by the snapshot's age and its emulated kernel spends \
-             seconds catching up (~10 s per minute of age): the --snapshot row grows slower \
-             through a run"
+            "kvm_pvm host: a guest reads the host's own TSC (KVM cannot offset it here); the \
+             exec guest keeps time by kvm-clock, which a restore sets back, so the --snapshot \
+             row does not grow with the snapshot's age"
                 .into(),
         );
     }
