@@ -8,8 +8,10 @@
 //!
 //! Or, to learn whether the agent is up without running anything, the host sends the line
 //! `PING`; the agent answers with one [`FRAME_READY`] frame (its version), closes the
-//! connection and waits for the next. `ember exec --snapshot` pings before it snapshots a VM:
-//! the answer says the agent listens on its port and will accept the next connection.
+//! connection and waits for the next. `WARM` ([`WARM`]) is a ping that first runs `sh -c true`
+//! once; `ember exec --snapshot` sends it before it snapshots a VM: the answer says the agent
+//! listens on its port and will accept the next connection, and the shell is in the guest's
+//! page cache.
 //!
 //! Who connects: the agent, as soon as it listens, connects once to the host's port
 //! [`AGENT_PORT`] (the vsock device hands that to `<uds>_52` on the host, where `ember exec`
@@ -34,6 +36,11 @@ pub const FRAME_EXIT: u8 = 3;
 pub const FRAME_READY: u8 = 4;
 /// The line that asks for [`FRAME_READY`].
 pub const PING: &[u8] = b"PING";
+/// The line that asks the agent to run `sh -c true` once and then answer as to a [`PING`]: a
+/// snapshot made after it holds the root's shell in the guest's page cache, so that a restored
+/// run's command need not load it from the disk (the first run of a program from the disk is
+/// seconds where the guest kernel is emulated).
+pub const WARM: &[u8] = b"WARM";
 pub const MAX_FRAME: usize = 64 * 1024;
 /// A request is a few arguments and variables; a longer line is refused.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -156,6 +163,7 @@ pub enum Frame {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Ping,
+    Warm,
     Run(Request),
 }
 
@@ -172,17 +180,35 @@ pub fn write_ping(w: &mut impl Write) -> Result<(), ProtoError> {
     Ok(())
 }
 
+pub fn write_warm(w: &mut impl Write) -> Result<(), ProtoError> {
+    w.write_all(WARM)?;
+    w.write_all(b"\n")?;
+    Ok(())
+}
+
+/// What [`WARM`] runs.
+pub fn warm_request() -> Request {
+    Request {
+        argv: ["sh", "-c", "true"].map(String::from).to_vec(),
+        env: default_env(),
+        cwd: "/".into(),
+    }
+}
+
 pub fn write_ready(w: &mut impl Write) -> Result<(), ProtoError> {
     write_output(w, FRAME_READY, env!("CARGO_PKG_VERSION").as_bytes())?;
     w.flush()?;
     Ok(())
 }
 
-/// Reads a request line or a ping.
+/// Reads a request line, a ping or a warm-up.
 pub fn read_incoming(r: &mut impl Read) -> Result<Incoming, ProtoError> {
     let line = read_line(r)?;
     if line == PING {
         return Ok(Incoming::Ping);
+    }
+    if line == WARM {
+        return Ok(Incoming::Warm);
     }
     Ok(Incoming::Run(serde_json::from_slice(&line)?))
 }
@@ -324,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ping_is_told_from_a_request_and_answered_with_the_version() {
+    fn a_ping_and_a_warm_up_are_told_from_a_request_and_answered_with_the_version() {
         let mut wire = Vec::new();
         write_ping(&mut wire).unwrap();
         write_request(
@@ -336,11 +362,13 @@ mod tests {
             },
         )
         .unwrap();
+        write_warm(&mut wire).unwrap();
         let mut r = wire.as_slice();
         assert_eq!(read_incoming(&mut r).unwrap(), Incoming::Ping);
         assert!(
             matches!(read_incoming(&mut r).unwrap(), Incoming::Run(req) if req.argv == ["PING"])
         );
+        assert_eq!(read_incoming(&mut r).unwrap(), Incoming::Warm);
         let mut answer = Vec::new();
         write_ready(&mut answer).unwrap();
         assert_eq!(

@@ -579,7 +579,7 @@ pub fn text(r: &ExecResult) -> String {
         let _ = writeln!(
             o,
             "ember exec - ember console agent: {d:+.1} ms (medians): the vsock device, the \
-             host's CONNECT and request, and exec's own set-up"
+             agent's connection and the request, and exec's own set-up"
         );
     }
     if let Some(x) = r.ratio(EXEC_SNAPSHOT, EXEC) {

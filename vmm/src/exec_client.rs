@@ -123,16 +123,25 @@ pub fn connect(
     }
 }
 
-/// Pings the agent on `conn` (the agent then listens and will accept the next connection);
-/// returns its version.
-pub fn ping(mut conn: UnixStream, patience: Duration) -> Result<String, ClientError> {
+/// Asks the agent on `conn` to warm up (run the root's shell once, so that a snapshot made next
+/// holds it in the guest's page cache) and waits for its answer and until it has closed the
+/// connection (it then listens and will accept the next, and nothing of this one is still on
+/// its way: a VM snapshotted now has no packet of it left to send after a restore); returns
+/// the agent's version.
+pub fn warm_up(mut conn: UnixStream, patience: Duration) -> Result<String, ClientError> {
     conn.set_read_timeout(Some(patience.max(Duration::from_secs(1))))
         .map_err(ember_agent::ProtoError::Io)?;
-    ember_agent::write_ping(&mut conn)?;
+    ember_agent::write_warm(&mut conn)?;
+    let version = match ember_agent::read_frame(&mut conn)? {
+        Some(Frame::Ready(version)) => version,
+        Some(_) => return Err(ember_agent::ProtoError::UnknownKind(0).into()),
+        None => {
+            return Err(ember_agent::ProtoError::Io(io::ErrorKind::UnexpectedEof.into()).into())
+        }
+    };
     match ember_agent::read_frame(&mut conn)? {
-        Some(Frame::Ready(version)) => Ok(version),
+        None => Ok(version),
         Some(_) => Err(ember_agent::ProtoError::UnknownKind(0).into()),
-        None => Err(ember_agent::ProtoError::Io(io::ErrorKind::UnexpectedEof.into()).into()),
     }
 }
 

@@ -7,8 +7,8 @@
 //!
 //! A run that finds no snapshot makes one: it takes `DIR/lock` (an exclusive `flock`; other
 //! runs wait there, within their time limit), boots the VM as a plain `ember exec` does in a
-//! child process, takes the agent's connection and pings it (the agent then listens on its port
-//! and will accept the next connection), pauses the VM, snapshots it into `DIR/.new-<pid>/`,
+//! child process, takes the agent's connection and asks it to warm up (it runs `sh -c true`
+//! once, then listens on its port and will accept the next connection), pauses the VM, snapshots it into `DIR/.new-<pid>/`,
 //! stops it, writes the manifest, and renames that directory to `DIR/snapshot`. The rename is
 //! the only step that makes a snapshot visible, so an interrupted or failed creation leaves
 //! only a `.new-*` directory, which the next creator (holding the lock, so no other creator is
@@ -370,7 +370,7 @@ fn boot_in_child(
     }
 }
 
-/// The child's work: boot as `ember exec` does, wait for the agent's answer to a ping, pause,
+/// The child's work: boot as `ember exec` does, wait for the agent's answer to a warm-up, pause,
 /// snapshot, stop.
 fn boot_and_snapshot(
     staging: &Path,
@@ -408,7 +408,7 @@ fn boot_and_snapshot(
     };
     let start = Instant::now();
     let result = exec_client::accept_agent(&listener, patience, || ctl.exit_reason().is_none())
-        .and_then(|conn| exec_client::ping(conn, patience.saturating_sub(start.elapsed())))
+        .and_then(|conn| exec_client::warm_up(conn, patience.saturating_sub(start.elapsed())))
         .map_err(|e| failed(format!("the agent never answered: {e}")))
         .and_then(|_version| {
             let paused = api.call(Action::Pause);

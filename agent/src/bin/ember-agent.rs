@@ -361,7 +361,14 @@ fn serve<C: Read + Write>(
     loop {
         let mut conn = next()?;
         match ember_agent::read_incoming(&mut conn) {
-            Ok(Incoming::Ping) => {
+            Ok(ping @ (Incoming::Ping | Incoming::Warm)) => {
+                if ping == Incoming::Warm {
+                    match run(&ember_agent::warm_request(), &mut |_, _| Ok(())) {
+                        Ok(Outcome::Exited(0)) => {}
+                        Ok(other) => log(&format!("the warm-up ended as {other:?}")),
+                        Err(e) => log(&format!("the warm-up failed: {e}")),
+                    }
+                }
                 if let Err(e) = ember_agent::write_ready(&mut conn) {
                     log(&format!("a ping's answer failed: {e}"));
                 }
