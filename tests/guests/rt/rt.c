@@ -100,15 +100,7 @@ void putn(const char *s, usize n)
 
 void putc(char c) { putn(&c, 1); }
 
-void puts(const char *s) { putn(s, strlen(s)); }
-
 void nl(void) { putc('\n'); }
-
-void println(const char *s)
-{
-	puts(s);
-	nl();
-}
 
 void put_hex(u64 v)
 {
