@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
 use ember_vmm::config::{self, RunOptions, VmConfig};
 use ember_vmm::error_line;
@@ -28,11 +28,11 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Boot a kernel in a new microVM; Ember exits when the guest resets or powers off.
-    Run(RunArgs),
+    Run(Deferred<RunArgs>),
     /// Run a command in a throwaway microVM over a read-only root image, and exit with its
     /// status (124 timeout, 125 the VM or its agent failed, 126 not executable, 127 not found,
     /// 128+N killed by signal N).
-    Exec(ExecArgs),
+    Exec(Deferred<ExecArgs>),
     /// Measure microVM start-up against containers (and peers) on the same root filesystem.
     // The benchmark is its own crate and binary (`ember-bench`); everything after `bench`,
     // `--help` included, is its to parse.
@@ -41,6 +41,44 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+/// A subcommand's arguments, defined only once that subcommand is the one being parsed (or its
+/// help shown): `ember run` does not build `exec`'s arguments, nor `exec` `run`'s. Building every
+/// subcommand's arguments was most of the parse's allocations, and its page faults, at every
+/// start. Parsing, help and errors are the wrapped type's own.
+struct Deferred<T>(T);
+
+impl<T: Args> Args for Deferred<T> {
+    fn group_id() -> Option<clap::Id> {
+        T::group_id()
+    }
+
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.defer(T::augment_args)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        cmd.defer(T::augment_args_for_update)
+    }
+}
+
+impl<T: FromArgMatches> FromArgMatches for Deferred<T> {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        T::from_arg_matches(matches).map(Deferred)
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        T::from_arg_matches_mut(matches).map(Deferred)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(matches)
+    }
+
+    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches_mut(matches)
+    }
 }
 
 #[derive(Args)]
@@ -289,6 +327,12 @@ const EXIT_TRIPLE_FAULT: u8 = 4;
 
 fn main() -> ExitCode {
     timeline::start();
+    // One malloc arena for every thread: a thread's first allocation otherwise maps an arena of
+    // its own and faults in fresh pages for it, where the main arena has pages to reuse (what
+    // parsing the command line freed). Ember's threads allocate little once they run, so they
+    // do not contend for it. Set before any thread starts; glibc ignores a refusal harmlessly.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("EMBER_LOG", "warn"))
         .format_timestamp(None)
         .init();
@@ -330,7 +374,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Bench { args } => exec_bench(args),
-        Command::Exec(args) => {
+        Command::Exec(Deferred(args)) => {
             let outcome = args
                 .to_options()
                 .map_err(|e| error_line(&e))
@@ -343,7 +387,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run(args) => {
+        Command::Run(Deferred(args)) => {
             let (start, timings) = match args.to_start().and_then(|s| Ok((s, args.timings()?))) {
                 Ok(c) => c,
                 Err(e) => {

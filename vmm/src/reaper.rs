@@ -41,9 +41,8 @@ pub fn spawn(vm_fd: RawFd, seccomp: bool) -> io::Result<()> {
     // Built here, where allocating is fine, and never freed: the reaper reads it from memory it
     // shares with Ember, possibly after Ember has moved on.
     let filter: *const libc::sock_fprog = if seccomp {
-        let program = crate::seccomp::reaper_filter().map_err(io::Error::other)?;
         let program: &'static [libc::sock_filter] = Box::leak(
-            program
+            crate::seccomp::reaper_filter()
                 .iter()
                 .map(|f| libc::sock_filter {
                     code: f.code,

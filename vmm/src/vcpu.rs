@@ -469,32 +469,18 @@ fn move_off_cpu(cpu: libc::c_int) {
     }
 }
 
-/// A pending vCPU thread's set-up: runs the work it is given, builds its filter while it has
-/// nothing else to do, takes its vCPU and prepares it, then puts the filter on. Returns the vCPU
-/// once it may run; every failure is reported on `ready` instead.
+/// A pending vCPU thread's set-up: runs the work it is given, takes its vCPU and prepares it,
+/// then puts its filter on (compiled at build time: nothing to build here). Returns the vCPU once
+/// it may run; every failure is reported on `ready` instead.
 fn prepare(
     id: u8,
     seccomp: bool,
     from_main: &mpsc::Receiver<ToThread>,
     ready: &mpsc::Sender<Result<(), VcpuError>>,
 ) -> Option<VcpuFd> {
-    let kind = crate::seccomp::ThreadKind::Vcpu;
-    let build = || crate::seccomp::filter(kind).map_err(|e| VcpuError::Seccomp(id, e));
     let result = (|| {
-        let mut program = None;
         let (vcpu, prepare) = loop {
-            let message = match from_main.try_recv() {
-                Ok(message) => message,
-                Err(mpsc::TryRecvError::Empty) if seccomp && program.is_none() => {
-                    program = Some(build()?);
-                    continue;
-                }
-                Err(mpsc::TryRecvError::Empty) => {
-                    from_main.recv().map_err(|_| VcpuError::ThreadGone(id))?
-                }
-                Err(mpsc::TryRecvError::Disconnected) => return Err(VcpuError::ThreadGone(id)),
-            };
-            match message {
+            match from_main.recv().map_err(|_| VcpuError::ThreadGone(id))? {
                 ToThread::Run(work) => work(),
                 ToThread::Setup(vcpu, prepare) => break (vcpu, prepare),
                 ToThread::Go { .. } => return Err(VcpuError::ThreadGone(id)),
@@ -502,11 +488,9 @@ fn prepare(
         };
         prepare(&vcpu).map_err(|e| VcpuError::Setup(id, e))?;
         if seccomp {
-            let program = match program {
-                Some(program) => program,
-                None => build()?,
-            };
-            crate::seccomp::apply(kind, &program).map_err(|e| VcpuError::Seccomp(id, e))?;
+            let kind = crate::seccomp::ThreadKind::Vcpu;
+            crate::seccomp::apply(kind, &crate::seccomp::filter(kind))
+                .map_err(|e| VcpuError::Seccomp(id, e))?;
             log::debug!("seccomp: vCPU {id} thread filter installed");
         }
         Ok(vcpu)
