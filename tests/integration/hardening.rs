@@ -871,7 +871,13 @@ fn the_reaper_shares_embers_memory_holds_only_the_vm_and_leaves_after_ember() {
     let mut vm = Running::spawn(&["run", "--kernel", echo.to_str().unwrap(), "--disk", &spec]);
     vm.wait_for("echo: ready");
 
-    let reapers = reapers_of(&token);
+    // Ember forks the reaper once its vCPUs run, so the guest may print before it exists.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut reapers = reapers_of(&token);
+    while reapers.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        reapers = reapers_of(&token);
+    }
     assert_eq!(reapers.len(), 1, "reapers for this Ember: {reapers:?}");
     let reaper = reapers[0];
     // Same address space: Ember's exit then leaves both the VM and the guest memory teardown to
