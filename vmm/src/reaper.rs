@@ -34,28 +34,24 @@ struct Start {
     filter: *const libc::sock_fprog,
 }
 
+const _: () = assert!(
+    std::mem::size_of::<seccompiler::sock_filter>() == std::mem::size_of::<libc::sock_filter>()
+        && std::mem::align_of::<seccompiler::sock_filter>()
+            == std::mem::align_of::<libc::sock_filter>()
+);
+
 /// Starts the reaper. Ember calls it once the vCPUs run; the reaper makes only raw system calls
 /// and closes every descriptor but its two, so the other threads cannot disturb it. With
 /// `seccomp`, its first act is to put itself under `seccomp::reaper_filter()`.
 pub fn spawn(vm_fd: RawFd, seccomp: bool) -> io::Result<()> {
     // Built here, where allocating is fine, and never freed: the reaper reads it from memory it
-    // shares with Ember, possibly after Ember has moved on.
+    // shares with Ember, possibly after Ember has moved on. The program itself is static.
     let filter: *const libc::sock_fprog = if seccomp {
-        let program: &'static [libc::sock_filter] = Box::leak(
-            crate::seccomp::reaper_filter()
-                .iter()
-                .map(|f| libc::sock_filter {
-                    code: f.code,
-                    jt: f.jt,
-                    jf: f.jf,
-                    k: f.k,
-                })
-                .collect::<Vec<_>>()
-                .into_boxed_slice(),
-        );
+        let program = crate::seccomp::reaper_filter();
         Box::leak(Box::new(libc::sock_fprog {
             len: u16::try_from(program.len()).map_err(io::Error::other)?,
-            filter: program.as_ptr().cast_mut(),
+            // seccompiler's sock_filter is the kernel's struct, as libc's is (asserted below).
+            filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
         }))
     } else {
         std::ptr::null()
