@@ -488,10 +488,8 @@ fn prepare(
         };
         prepare(&vcpu).map_err(|e| VcpuError::Setup(id, e))?;
         if seccomp {
-            let kind = crate::seccomp::ThreadKind::Vcpu;
-            crate::seccomp::apply(kind, &crate::seccomp::filter(kind))
+            crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
                 .map_err(|e| VcpuError::Seccomp(id, e))?;
-            log::debug!("seccomp: vCPU {id} thread filter installed");
         }
         Ok(vcpu)
     })();
