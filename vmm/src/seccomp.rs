@@ -303,6 +303,20 @@ mod tests {
         });
         assert!(killed_by_sigsys(status), "{status:#x}");
         assert!(err.contains("(ioctl)"), "{err}");
+        // The filter reads the request as the kernel does, from the lower 32 bits: junk above
+        // them changes nothing either way.
+        let (status, _) = in_filtered_child(ThreadKind::Vcpu, || unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TCGETS, &mut t);
+        });
+        assert!(killed_by_sigsys(status), "{status:#x}");
+        let (status, err) = in_filtered_child(ThreadKind::Vcpu, || unsafe {
+            libc::syscall(libc::SYS_ioctl, 0, (7u64 << 32) | KVM_RUN, 0);
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x} {err}"
+        );
         // KVM_RUN itself passes the filter (and fails on a non-KVM fd with an error, not a kill).
         let (status, err) = in_filtered_child(ThreadKind::Vcpu, || unsafe {
             libc::ioctl(0, KVM_RUN as _, 0);
