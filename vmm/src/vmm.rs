@@ -233,28 +233,43 @@ fn open_read(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// The kernel and initramfs, opened before the VM is created: a wrong path is refused without
+/// creating (and tearing down) a VM for nothing.
+struct BootFiles {
+    kernel: File,
+    initramfs: Option<File>,
+}
+
+fn open_boot_files(cfg: &VmConfig) -> Result<BootFiles> {
+    Ok(BootFiles {
+        kernel: open_read(&cfg.kernel)?,
+        initramfs: cfg.initramfs.as_deref().map(open_read).transpose()?,
+    })
+}
+
 fn load_kernel(
     mem: &GuestMemoryMmap,
     cfg: &VmConfig,
+    files: BootFiles,
 ) -> Result<(LoadedKernel, Option<kernel::InitrdInfo>)> {
-    let mut kfile = open_read(&cfg.kernel)?;
+    let BootFiles {
+        kernel: mut kfile,
+        initramfs,
+    } = files;
     let loaded = kernel::load_kernel(mem, &mut kfile).map_err(|source| VmmError::Kernel {
         path: cfg.kernel.clone(),
         source,
     })?;
-    let initrd = match &cfg.initramfs {
-        Some(path) => {
-            let mut f = open_read(path)?;
-            Some(
-                kernel::load_initramfs(mem, &mut f, &loaded, cfg.memory).map_err(|source| {
-                    VmmError::Initramfs {
-                        path: path.clone(),
-                        source,
-                    }
-                })?,
-            )
-        }
-        None => None,
+    let initrd = match (initramfs, &cfg.initramfs) {
+        (Some(mut f), Some(path)) => Some(
+            kernel::load_initramfs(mem, &mut f, &loaded, cfg.memory).map_err(|source| {
+                VmmError::Initramfs {
+                    path: path.clone(),
+                    source,
+                }
+            })?,
+        ),
+        _ => None,
     };
     Ok((loaded, initrd))
 }
@@ -472,12 +487,13 @@ impl Vmm {
             .as_ref()
             .map(ember_devices::virtio::Vsock::new)
             .transpose()?;
+        let boot_files = open_boot_files(cfg)?;
         let vm = create_vm(&kvm)?;
         timeline::mark(Phase::VmCreated);
 
         let mem = map_memory(cfg.memory)?;
         timeline::mark(Phase::MemoryMapped);
-        let (loaded, initrd) = load_kernel(&mem, cfg)?;
+        let (loaded, initrd) = load_kernel(&mem, cfg, boot_files)?;
         timeline::mark(Phase::KernelLoaded);
         register_memory(&vm, &mem)?;
         create_irqchip(&vm)?;
