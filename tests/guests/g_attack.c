@@ -9,7 +9,6 @@
  * failure can be replayed. */
 #include "rt.h"
 
-#define COM1 0x3f8
 #define I8042_DATA 0x60
 #define I8042_CMD 0x64
 #define ACPI_SLEEP 0x600
