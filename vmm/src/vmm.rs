@@ -260,17 +260,17 @@ fn load_kernel(
         path: cfg.kernel.clone(),
         source,
     })?;
-    let initrd = match (initramfs, &cfg.initramfs) {
-        (Some(mut f), Some(path)) => Some(
+    let initrd = initramfs
+        .zip(cfg.initramfs.as_ref())
+        .map(|(mut f, path)| {
             kernel::load_initramfs(mem, &mut f, &loaded, cfg.memory).map_err(|source| {
                 VmmError::Initramfs {
                     path: path.clone(),
                     source,
                 }
-            })?,
-        ),
-        _ => None,
-    };
+            })
+        })
+        .transpose()?;
     Ok((loaded, initrd))
 }
 
